@@ -1,0 +1,1 @@
+"""Calibration routines that measure through ``drivers`` (never through the simulator's truth)."""

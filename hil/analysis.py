@@ -1,0 +1,86 @@
+"""Analysis of trained recurrent networks (seed 004, Jarne): connectivity matrices, their
+eigenvalue spectra, and SVD/PCA of hidden-state trajectories (the flip-flop "cube")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def eigenvalues(w: np.ndarray) -> np.ndarray:
+    return np.linalg.eigvals(np.asarray(w, dtype=float))
+
+
+def pca(traj: np.ndarray, n_components: int = 3) -> dict[str, np.ndarray]:
+    """PCA by SVD of trajectories ``(B, T, M)`` pooled over time: projections, explained
+    variance ratios and components."""
+    flat = traj.reshape(-1, traj.shape[-1]).astype(float)
+    centred = flat - flat.mean(0)
+    u, s, vt = np.linalg.svd(centred, full_matrices=False)
+    var = s**2 / max(1, flat.shape[0] - 1)
+    ratio = var / var.sum() if var.sum() > 0 else var
+    proj = centred @ vt[:n_components].T
+    return {"projection": proj.reshape(traj.shape[0], traj.shape[1], -1),
+            "explained": ratio[:n_components], "singular_values": s,
+            "components": vt[:n_components]}
+
+
+def connectivity_plot(layers: list[dict[str, Any]], path: Path) -> Path:
+    """Each layer's W_int (and W_ext) as an image, and W_int's eigenvalues in the plane."""
+    L = len(layers)
+    fig, axes = plt.subplots(3, L, figsize=(3.6 * L, 10), squeeze=False)
+    for li, lw in enumerate(layers):
+        for row, key in enumerate(("W_int", "W_ext")):
+            w = np.asarray(lw[key])
+            lim = float(np.abs(w).max()) or 1.0
+            im = axes[row][li].imshow(w, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+            axes[row][li].set_title(f"layer {li} {key}")
+            fig.colorbar(im, ax=axes[row][li], fraction=0.046)
+        ev = eigenvalues(np.asarray(lw["W_int"]))
+        ax = axes[2][li]
+        ax.scatter(ev.real, ev.imag, s=12)
+        r = float(np.abs(ev).max()) if ev.size else 1.0
+        th = np.linspace(0, 2 * np.pi, 200)
+        ax.plot(r * np.cos(th), r * np.sin(th), "k:", lw=0.8, label=f"|λ|max = {r:.3f}")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_aspect("equal")
+        ax.set_title(f"layer {li} eigenvalues of W_int")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pca_plot(traj: np.ndarray, colour: np.ndarray | None, path: Path, title: str = "") -> Path:
+    """Trajectories in the space of the first three principal components."""
+    res = pca(traj, 3)
+    p = res["projection"]
+    fig = plt.figure(figsize=(10, 4.5))
+    ax = fig.add_subplot(1, 2, 1, projection="3d")
+    cmap = plt.get_cmap("tab10")
+    for b in range(min(p.shape[0], 20)):
+        c = cmap(int(colour[b]) % 10) if colour is not None else None
+        ax.plot(p[b, :, 0], p[b, :, 1], p[b, :, 2] if p.shape[2] > 2 else 0 * p[b, :, 0],
+                lw=0.8, color=c)
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
+    ax.set_zlabel("PC3")
+    ax.set_title(title or "hidden-state trajectories")
+    ax2 = fig.add_subplot(1, 2, 2)
+    s = res["singular_values"]
+    ax2.semilogy(np.arange(1, len(s) + 1), s**2 / (s**2).sum(), "o-", ms=3)
+    ax2.set_xlabel("component")
+    ax2.set_ylabel("explained variance ratio")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

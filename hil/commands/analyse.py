@@ -1,0 +1,67 @@
+"""``hil analyse``: connectivity, eigenvalues and PCA of a trained run (seed 004 tools)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hil.errors import HilError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("analyse", help="connectivity, eigenvalue and PCA plots of a trained run")
+    p.add_argument("run_folder", help="a run folder written by hil train (holds model.pt)")
+    p.add_argument("--seed", type=int, default=None, help="which seed (default: the first)")
+    p.set_defaults(func=run)
+
+
+def load_run(folder: Path):
+    """Rebuild the trained network and its task from a run folder."""
+    from hil.config import RunConfig, update
+    from hil.model import DynamicalNetwork
+    from hil.tasks import make_task
+
+    ckpt_path = folder / "model.pt"
+    if not ckpt_path.is_file():
+        raise HilError(f"{folder}: no model.pt; is this a folder written by hil train?")
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    cfg = update(RunConfig(), {k: v for k, v in ckpt["config"].items() if k != "preset"},
+                 str(ckpt_path))
+    task = make_task(cfg.task, cfg.train.output_gain)
+    net = DynamicalNetwork([cfg.model] * len(ckpt["seeds"]), ckpt["n_in"], ckpt["n_out"],
+                           ckpt["seeds"], ckpt["input_centre"])
+    net.load_state_dict(ckpt["state_dict"])
+    return cfg, task, net
+
+
+def run(args: argparse.Namespace) -> int:
+    from hil import analysis
+
+    folder = Path(args.run_folder)
+    cfg, task, net = load_run(folder)
+    k = 0 if args.seed is None else net.seeds.index(args.seed)
+    layers = [{n: t.numpy() for n, t in lw.items()} for lw in net.layer_weights(k)]
+    analysis.connectivity_plot(layers, folder / f"connectivity_seed{net.seeds[k]}.png")
+    test = task.splits["test"]
+    n = min(len(test), 200)
+    with torch.no_grad():
+        xseq, _ = net(test.x[:n])
+    traj = xseq[k].numpy()
+    colour = test.y[:n].numpy() if test.y.dim() == 1 else None
+    report = {"seed": net.seeds[k], "layers": []}
+    for li, sl in enumerate(net.layer_slices()):
+        res = analysis.pca(traj[..., sl], 3)
+        ev = analysis.eigenvalues(layers[li]["W_int"])
+        report["layers"].append({"layer": li, "pca_explained": res["explained"].tolist(),
+                                 "max_abs_eigenvalue": float(np.abs(ev).max())})
+        analysis.pca_plot(traj[..., sl], colour, folder / f"pca_layer{li}_seed{net.seeds[k]}.png",
+                          f"layer {li}")
+    (folder / f"analysis_seed{net.seeds[k]}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    print(f"plots written to {folder}")
+    return 0

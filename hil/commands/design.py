@@ -1,0 +1,39 @@
+"""``hil design``: the paper's design rules (eq. 9-11) for a config or a trained run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from hil.commands.train import add_config_args, resolve_config
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("design", help="relaxation time vs input step and cumulative drive "
+                       "I*dt (paper eq. 9-11), with warnings")
+    add_config_args(p)
+    p.add_argument("--run", dest="run_folder", help="check a trained run's weights instead")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hil import design_rules
+
+    if args.run_folder:
+        from hil.commands.analyse import load_run
+
+        cfg, _, net = load_run(Path(args.run_folder))
+        report = design_rules.check(cfg.model, net.layer_weights(0))
+    else:
+        cfg = resolve_config(args, default_preset="digits")
+        from hil.model import DynamicalNetwork
+
+        net = DynamicalNetwork([cfg.model], 1, 10, [cfg.seeds[0]])
+        report = design_rules.check(cfg.model, net.layer_weights(0))
+        report["note"] = "weights at initialisation; pass --run to check trained weights"
+    print(json.dumps(report, indent=2))
+    for w in report["warnings"]:
+        print(f"warning: {w}")
+    return 0

@@ -1,0 +1,76 @@
+"""``hil train``: off-chip training of the network on a task, several seeds at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from hil.config import RunConfig, load_config, parse_seeds, preset_names
+from hil.runs import RunFolder
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that build a network from a config."""
+    p.add_argument("--config", help="YAML config file (sections model, task, train, seeds)")
+    p.add_argument("--preset", help=f"named preset; one of: {', '.join(preset_names())}")
+    p.add_argument("--task", help="digits | sine_square | flipflop")
+    p.add_argument("--model", help="neuron type: spintronic | ctrnn | linear | liquid | quadratic")
+    p.add_argument("--seeds", help="seeds, e.g. 0-9 or 0,3,5")
+    p.add_argument("--epochs", type=int, help="number of epochs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any value, e.g. --set model.S=0.5 (repeatable)")
+    p.add_argument("--runs-dir", default=None, help="parent folder of run folders (default: runs)")
+    p.add_argument("--name", help="suffix for the run folder's name")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_config(args: argparse.Namespace, default_preset: str | None = None) -> RunConfig:
+    overrides = list(args.overrides)
+    if args.task:
+        overrides.append(f"task.name={args.task}")
+    if args.model:
+        overrides.append(f"model.neuron={args.model}")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    preset = args.preset or (None if args.config else default_preset)
+    cfg = load_config(args.config, preset=preset, overrides=overrides)
+    if args.seeds:
+        cfg.seeds = parse_seeds(args.seeds, "--seeds")
+    return cfg
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a network on a task (off-chip, several seeds at once)",
+                       description="Train the dynamical network on a task. Writes a run folder "
+                       "with the resolved config, per-epoch metrics, per-seed results, a summary "
+                       "and plots.")
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hil.experiment import train_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = resolve_config(args, default_preset="digits")
+    folder = RunFolder.create("train", args.runs_dir, args.name or cfg.task.name)
+    print(f"run folder: {folder}", file=sys.stderr)
+    summary = train_run(cfg, folder, progress=not args.no_progress)
+    s = summary["test"]
+    metric = summary["metric"]
+    print(f"\n{cfg.task.name} / {cfg.model.neuron}: test {metric} over {s['n']} seed(s): "
+          f"median {100 * s['median']:.2f} %, mean {100 * s['mean']:.2f} ± {100 * s['std']:.2f} %, "
+          f"quartiles {100 * s['q25']:.2f}-{100 * s['q75']:.2f} %")
+    if summary["failed_seeds"]:
+        print(f"failed seeds (not in the summary): {summary['failed_seeds']}")
+    for w in summary["design_rules"]["warnings"]:
+        print(f"warning: {w}")
+    print(json.dumps({"run_folder": str(folder)}))
+    print(f"run folder: {folder}")
+    return 0

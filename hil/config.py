@@ -1,0 +1,352 @@
+"""Typed, validated configuration for models, tasks and training.
+
+Configs come from a preset (``hil/presets/*.yaml``), a user YAML file and command-line
+overrides, merged in that order. Every value is checked; a bad one raises
+:class:`hil.errors.ConfigError` naming the source, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hil.errors import ConfigError
+from sims.neurons import NEURON_TYPES, default_fixed_bias
+
+TASKS = ("digits", "sine_square", "flipflop")
+ENGINES = ("fast", "reference")
+BPTT_MODES = ("full", "truncated", "shifted")
+
+
+@dataclass
+class ModelConfig:
+    """The multilayer dynamical network (paper eq. 2-5, thesis eq. 6.1-6.2). Units: ns, GHz."""
+
+    neuron: str = "spintronic"
+    n_layers: int = 3
+    n_hidden: int = 32
+    tau_ns: float = 14.12  # relaxation time, gamma = 1 / tau
+    q: float = 0.0  # non-linear damping Q (paper eq. 1)
+    sigma: float = 1.0  # drive coefficient (paper eq. 1)
+    S: float = 0.5  # amplification applied to every layer's drive
+    S_in: float = 1.0  # input scaling
+    b_in: float = 0.0  # input offset, added after centring and scaling
+    b_fixed: float | None = None  # fixed bias; None: rest at x = 0.5 (2 gamma, spintronic)
+    highpass: bool | None = None  # high-pass filter between layers; None: on except for ctrnn
+    f_cut_ghz: float = 0.001  # filter cut-off (1 MHz)
+    density_inter: float = 0.5
+    density_intra: float = 0.5
+    dt_ns: float = 1.0  # time between two input points
+    substeps: int = 4  # Euler steps per input point
+    w_clip_dt: float | None = 0.25  # weights clipped to w_clip_dt / dt_ns (thesis 6.7.2); None: off
+    b_clip_dt: float | None = 0.15  # biases clipped to b_clip_dt / dt_ns; None: off
+    init_scale: float = 1.0  # weights ~ U(-a, a), a = init_scale / sqrt(fan-in)
+
+    @property
+    def gamma(self) -> float:
+        return 1.0 / self.tau_ns
+
+    @property
+    def b_fixed_value(self) -> float:
+        if self.b_fixed is not None:
+            return self.b_fixed
+        return default_fixed_bias(self.neuron, self.gamma)
+
+    @property
+    def highpass_on(self) -> bool:
+        return self.highpass if self.highpass is not None else self.neuron != "ctrnn"
+
+    @property
+    def h_ns(self) -> float:
+        """Euler step."""
+        return self.dt_ns / self.substeps
+
+    @property
+    def w_clip(self) -> float | None:
+        return None if self.w_clip_dt is None else self.w_clip_dt / self.dt_ns
+
+    @property
+    def b_clip(self) -> float | None:
+        return None if self.b_clip_dt is None else self.b_clip_dt / self.dt_ns
+
+
+@dataclass
+class TaskConfig:
+    """Which task, with its options (see :mod:`hil.tasks`)."""
+
+    name: str = "digits"
+    # digits
+    val_fraction: float = 0.0  # part of the training half held out for validation
+    # sine/square (thesis 5.5)
+    n_periods: int = 80
+    points_per_period: int = 8
+    window: int = 30  # truncated-BPTT window (k1 = k2)
+    # flip-flop (seed 004)
+    n_bits: int = 3
+    seq_len: int = 200
+    n_train: int = 600
+    n_test: int = 200
+    pulse_prob: float = 0.05
+    input_noise: float = 0.05
+    delay: int = 2  # output lag in input points after a pulse
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: Adam, lr0 / (epoch / decay + 1), per-element gradient clipping."""
+
+    epochs: int = 60
+    batch_size: int = 120
+    lr0: float = 0.01
+    lr_decay: float = 5.0
+    grad_clip: float | None = 1.0
+    bptt: str = "full"  # full | truncated | shifted (sine/square only)
+    output_gain: float = 1000.0  # sine/square: gain before the sigmoid (thesis eq. 5.5)
+    engine: str = "fast"
+    max_rollbacks: int = 3  # per seed, on a non-finite loss
+    eval_every: int = 1
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _req(cond: bool, key: str, msg: str, source: str | None) -> None:
+    if not cond:
+        raise ConfigError(key, msg, source)
+
+
+def _pos(v: float, key: str, src: str | None) -> None:
+    _req(math.isfinite(v) and v > 0, key, f"must be a positive number, got {v!r}", src)
+
+
+def _unit(v: float, key: str, src: str | None, low_open: bool = False) -> None:
+    ok = math.isfinite(v) and (0 < v if low_open else 0 <= v) and v <= 1
+    rng = "(0, 1]" if low_open else "[0, 1]"
+    _req(ok, key, f"must be in {rng}, got {v!r}", src)
+
+
+def validate(cfg: RunConfig, source: str | None = None) -> RunConfig:
+    """Check every value; raise :class:`ConfigError` on the first bad one."""
+    m, t, tr = cfg.model, cfg.task, cfg.train
+    _req(m.neuron in NEURON_TYPES, "model.neuron",
+         f"unknown model {m.neuron!r}; allowed: {', '.join(NEURON_TYPES)}", source)
+    _req(m.n_layers >= 1, "model.n_layers", f"must be >= 1, got {m.n_layers}", source)
+    _req(m.n_hidden >= 1, "model.n_hidden", f"must be >= 1, got {m.n_hidden}", source)
+    _pos(m.tau_ns, "model.tau_ns", source)
+    _pos(m.dt_ns, "model.dt_ns", source)
+    _req(m.substeps >= 1, "model.substeps", f"must be an integer >= 1, got {m.substeps}", source)
+    _req(math.isfinite(m.q) and m.q >= 0, "model.q", f"must be >= 0, got {m.q}", source)
+    _pos(m.sigma, "model.sigma", source)
+    _pos(m.S, "model.S", source)
+    _pos(m.S_in, "model.S_in", source)
+    _req(math.isfinite(m.b_in), "model.b_in", f"must be a finite number, got {m.b_in}", source)
+    if m.b_fixed is not None:
+        _req(math.isfinite(m.b_fixed), "model.b_fixed", "must be a finite number or null", source)
+    _req(math.isfinite(m.f_cut_ghz) and m.f_cut_ghz >= 0, "model.f_cut_ghz",
+         f"must be >= 0 GHz, got {m.f_cut_ghz}", source)
+    _req(2 * math.pi * m.f_cut_ghz * m.h_ns < 1, "model.f_cut_ghz",
+         "2 pi f_cut times the Euler step must be < 1 for a stable filter", source)
+    _unit(m.density_inter, "model.density_inter", source, low_open=True)
+    _unit(m.density_intra, "model.density_intra", source)
+    for key in ("w_clip_dt", "b_clip_dt"):
+        v = getattr(m, key)
+        if v is not None:
+            _pos(v, f"model.{key}", source)
+    _pos(m.init_scale, "model.init_scale", source)
+
+    _req(t.name in TASKS, "task.name", f"unknown task {t.name!r}; allowed: {', '.join(TASKS)}",
+         source)
+    _req(0 <= t.val_fraction < 1, "task.val_fraction", f"must be in [0, 1), got {t.val_fraction}",
+         source)
+    for key in ("n_periods", "points_per_period", "window", "n_bits", "seq_len", "n_train",
+                "n_test"):
+        v = getattr(t, key)
+        _req(isinstance(v, int) and v >= 1, f"task.{key}", f"must be an integer >= 1, got {v!r}",
+             source)
+    _unit(t.pulse_prob, "task.pulse_prob", source, low_open=True)
+    _req(t.input_noise >= 0, "task.input_noise", f"must be >= 0, got {t.input_noise}", source)
+    _req(t.delay >= 0, "task.delay", f"must be >= 0, got {t.delay}", source)
+
+    _req(tr.epochs >= 1, "train.epochs", f"must be >= 1, got {tr.epochs}", source)
+    _req(tr.batch_size >= 1, "train.batch_size", f"must be >= 1, got {tr.batch_size}", source)
+    _pos(tr.lr0, "train.lr0", source)
+    _pos(tr.lr_decay, "train.lr_decay", source)
+    if tr.grad_clip is not None:
+        _pos(tr.grad_clip, "train.grad_clip", source)
+    _req(tr.bptt in BPTT_MODES, "train.bptt",
+         f"unknown mode {tr.bptt!r}; allowed: {', '.join(BPTT_MODES)}", source)
+    _pos(tr.output_gain, "train.output_gain", source)
+    _req(tr.engine in ENGINES, "train.engine",
+         f"unknown engine {tr.engine!r}; allowed: {', '.join(ENGINES)}", source)
+    _req(tr.max_rollbacks >= 0, "train.max_rollbacks", "must be >= 0", source)
+    _req(tr.eval_every >= 1, "train.eval_every", "must be >= 1", source)
+    _req(len(cfg.seeds) >= 1, "seeds", "at least one seed is needed", source)
+    _req(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"seeds repeat: {cfg.seeds}", source)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- loading
+
+_SECTIONS = {"model": ModelConfig, "task": TaskConfig, "train": TrainConfig}
+
+
+def _coerce(value: Any, typ: Any, key: str, source: str | None) -> Any:
+    """Convert a YAML/CLI value to the dataclass field's type, or fail naming the key."""
+    t = str(typ)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(key, "must not be null", source)
+    try:
+        if t.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise TypeError
+        if t.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if t.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if t.startswith("str"):
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    expected = t.replace(" | None", " or null")
+    raise ConfigError(key, f"expected {expected}, got {value!r} ({type(value).__name__})", source)
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str | None) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        key = f"{prefix}.{k}"
+        if k not in fields:
+            raise ConfigError(key, f"unknown key; allowed: {', '.join(fields)}", source)
+        setattr(obj, k, _coerce(v, fields[k].type, key, source))
+
+
+def parse_seeds(spec: Any, source: str | None = None) -> list[int]:
+    """``"0-9"``, ``"0,3,5"``, ``7`` or a list -> list of ints."""
+    if isinstance(spec, bool):
+        raise ConfigError("seeds", "expected integers like 0-9 or 0,1,2", source)
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, list):
+        out = []
+        for s in spec:
+            out += parse_seeds(s, source)
+        return out
+    if isinstance(spec, str):
+        out = []
+        try:
+            for part in spec.split(","):
+                part = part.strip()
+                if "-" in part[1:]:
+                    a, b = part.split("-", 1)
+                    lo, hi = int(a), int(b)
+                    if hi < lo:
+                        raise ValueError
+                    out += list(range(lo, hi + 1))
+                elif part:
+                    out.append(int(part))
+        except ValueError:
+            raise ConfigError("seeds", f"cannot read {spec!r}; use 0-9 or 0,1,2", source) from None
+        if out and min(out) < 0:
+            raise ConfigError("seeds", "seeds must be >= 0", source)
+        return out
+    raise ConfigError("seeds", f"cannot read {spec!r}; use 0-9 or 0,1,2", source)
+
+
+def update(cfg: RunConfig, data: dict[str, Any], source: str | None) -> RunConfig:
+    """Merge a nested dict (from YAML) into ``cfg``."""
+    if not isinstance(data, dict):
+        raise ConfigError("<top>", "a config file must be a mapping of sections", source)
+    for k, v in data.items():
+        if k in _SECTIONS:
+            if not isinstance(v, dict):
+                raise ConfigError(k, "must be a mapping", source)
+            _apply(getattr(cfg, k), v, k, source)
+        elif k == "seeds":
+            cfg.seeds = parse_seeds(v, source)
+        elif k == "preset":
+            cfg.preset = str(v)
+        else:
+            allowed = ", ".join([*_SECTIONS, "seeds", "preset"])
+            raise ConfigError(k, f"unknown section; allowed: {allowed}", source)
+    return cfg
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str], source: str = "command line") -> RunConfig:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(item, "overrides look like section.key=value, e.g. model.S=0.5",
+                              source)
+        key, raw = item.split("=", 1)
+        section, name = key.split(".", 1)
+        update(cfg, {section: {name: yaml.safe_load(raw)}}, source)
+    return cfg
+
+
+def preset_names() -> list[str]:
+    files = resources.files("hil") / "presets"
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = resources.files("hil") / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError("preset", f"unknown preset {name!r}; available: "
+                          f"{', '.join(preset_names())}", None)
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def load_config(path: str | Path | None = None, preset: str | None = None,
+                overrides: list[str] | None = None) -> RunConfig:
+    """Preset, then file, then overrides; validated."""
+    cfg = RunConfig()
+    file_data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("config", f"file not found: {p}", str(p))
+        try:
+            file_data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError("config", f"not valid YAML: {exc}", str(p)) from None
+        if not isinstance(file_data, dict):
+            raise ConfigError("<top>", "a config file must be a mapping of sections", str(p))
+    name = preset or file_data.get("preset")
+    if name:
+        update(cfg, load_preset(str(name)), f"preset {name}")
+        cfg.preset = str(name)
+    if file_data:
+        update(cfg, file_data, str(path))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return validate(cfg, source=str(path) if path else None)

@@ -1,0 +1,68 @@
+"""Jobs that combine a task, a trainer and a run folder (shared by the CLI and the API)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from hil import design_rules, plots
+from hil.config import RunConfig
+from hil.runs import RunFolder
+from hil.tasks import make_task
+from hil.train import Trainer, TrainResult, summarize
+
+
+def save_checkpoint(result: TrainResult, cfg: RunConfig, path) -> None:
+    net = result.net
+    torch.save({"config": cfg.to_dict(), "seeds": net.seeds, "n_in": net.n_in,
+                "n_out": net.n_out, "input_centre": float(net.input_centre),
+                "state_dict": net.state_dict()}, path)
+
+
+def train_run(cfg: RunConfig, folder: RunFolder, progress: bool = True) -> dict[str, Any]:
+    """Train every seed of ``cfg`` together; write config, metrics, results, summary, plots."""
+    torch.manual_seed(cfg.seeds[0])
+    folder.write_config(cfg.to_dict())
+    task = make_task(cfg.task, cfg.train.output_gain)
+    K = len(cfg.seeds)
+    trainer = Trainer([cfg.model] * K, [cfg.train] * K, cfg.seeds, task,
+                      log=folder.append_metrics, progress=progress,
+                      label=f"{cfg.task.name}/{cfg.model.neuron} x{K} seeds")
+    result = trainer.fit()
+    metric = task.metric_name
+    ok = [f for f in result.final if f["status"] != "failed"]
+    failed = [f["seed"] for f in result.final if f["status"] == "failed"]
+    rules = design_rules.check(cfg.model, result.net.layer_weights(0))
+    summary = {
+        "task": cfg.task.name, "model": cfg.model.neuron, "metric": metric,
+        "test": summarize([f[f"test_{metric}"] for f in ok]),
+        "failed_seeds": failed,
+        "rolled_back_seeds": [f["seed"] for f in result.final if f["rollbacks"]],
+        "train_seconds": result.seconds,
+        "design_rules": rules,
+    }
+    if "val" in task.splits:
+        summary["val"] = summarize([f[f"val_{metric}"] for f in ok])
+    folder.write_json("final.json", result.final)
+    folder.write_json("summary.json", summary)
+    save_checkpoint(result, cfg, folder.file("model.pt"))
+    plots.accuracy_curves(result.history, metric, folder.file("accuracy.png"))
+    _trajectory_plot(result, task, cfg, folder)
+    return summary
+
+
+@torch.no_grad()
+def _trajectory_plot(result: TrainResult, task, cfg: RunConfig, folder: RunFolder) -> None:
+    test = task.splits["test"]
+    if task.per_step:
+        idx = [0]
+    else:
+        y = test.y.numpy()
+        idx = [int(np.nonzero(y == c)[0][0]) for c in np.unique(y)[:4]]
+        idx += [int(np.nonzero(y == y[idx[0]])[0][1])]  # a second input of the first class
+    xseq, _ = result.net(test.x[idx])
+    labels = test.y[idx].numpy() if not task.per_step else np.array(["series"])
+    plots.trajectories(xseq[0].numpy(), labels, cfg.model.n_layers, cfg.model.n_hidden,
+                       cfg.model.dt_ns, folder.file("trajectories.png"))

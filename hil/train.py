@@ -1,0 +1,353 @@
+"""Off-chip training of stacked trials (seeds or hyperparameter configurations).
+
+All trials train in one job on the stacked :class:`~hil.model.DynamicalNetwork`. Each trial
+sees its own data order (drawn from its own seed), so a seed gives the same result whether
+it trains alone or beside others. A trial whose loss or state becomes non-finite is rolled
+back to its last good epoch with half the learning rate; after ``max_rollbacks`` it is marked
+failed and frozen, and reported as such instead of being averaged in silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from hil.config import ModelConfig, TrainConfig
+from hil.errors import ConfigError
+from hil.model import DynamicalNetwork, State
+from hil.tasks import Task
+
+EVAL_CHUNK = 300
+
+
+class TrialAdam:
+    """Adam (Kingma & Ba) with one learning rate per trial (leading dimension)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], K: int, betas=(0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params = params
+        self.K = K
+        self.b1, self.b2 = betas
+        self.eps = eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = torch.zeros(K)
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
+        """``lr``: (K,) learning rates; trials with ``active == False`` are left untouched."""
+        self.t += active.float()
+        t = self.t.clamp(min=1)
+        c1 = 1 - self.b1 ** t
+        c2 = 1 - self.b2 ** t
+        step = (lr * active.float() / c1).to(self.params[0].dtype)
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            if p.grad is None:
+                continue
+            shape = (self.K,) + (1,) * (p.dim() - 1)
+            g = torch.where(active.view(shape), p.grad, torch.zeros_like(p.grad))
+            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            denom = (v / c2.view(shape).to(v.dtype)).sqrt_().add_(self.eps)
+            p.addcdiv_(m * step.view(shape), denom, value=-1.0)
+
+    def state_of(self, k: int) -> dict[str, Any]:
+        return {"m": [m[k].clone() for m in self.m], "v": [v[k].clone() for v in self.v],
+                "t": float(self.t[k])}
+
+    def load_state_of(self, k: int, st: dict[str, Any]) -> None:
+        for m, v, ms, vs in zip(self.m, self.v, st["m"], st["v"], strict=True):
+            m[k].copy_(ms)
+            v[k].copy_(vs)
+        self.t[k] = st["t"]
+
+
+@dataclass
+class TrialStatus:
+    seed: int
+    status: str = "ok"  # ok | rolled_back | failed | pruned
+    rollbacks: int = 0
+    events: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    net: DynamicalNetwork
+    history: list[dict[str, Any]]
+    final: list[dict[str, Any]]  # per trial
+    statuses: list[TrialStatus]
+    seconds: float
+
+
+def lr_at(lr0: torch.Tensor, decay: torch.Tensor, epoch: int) -> torch.Tensor:
+    """``lr0 / (epoch / decay + 1)`` (paper, thesis eq. 6.3)."""
+    return lr0 / (epoch / decay + 1)
+
+
+@torch.no_grad()
+def evaluate(net: DynamicalNetwork, task: Task, split: str) -> dict[str, torch.Tensor]:
+    """Per-trial loss, metric and fraction of saturated neurons on a split (no gradients)."""
+    data = task.splits[split]
+    outs, sat = [], []
+    for i in range(0, len(data), EVAL_CHUNK):
+        xseq, _ = net(data.x[i : i + EVAL_CHUNK])
+        outs.append(net.readout(xseq if task.per_step else xseq[:, :, -1:]))
+        if net.kind == "spintronic":
+            sat.append(((xseq < 0.01) | (xseq > 0.99)).float().mean(dim=(1, 2, 3)))
+    out = torch.cat(outs, dim=1)
+    res = {"loss": task.loss(out, data.y), "metric": task.metric(out, data.y)}
+    if sat:
+        res["saturated"] = torch.stack(sat).mean(0)
+    return res
+
+
+class Trainer:
+    """Trains ``K`` trials together. ``on_epoch(epoch, record) -> set of trial indices to
+    stop`` lets a caller (Optuna pruning) stop trials early."""
+
+    def __init__(
+        self,
+        model_cfgs: list[ModelConfig],
+        train_cfgs: list[TrainConfig],
+        seeds: list[int],
+        task: Task,
+        log: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool = True,
+        on_epoch: Callable[[int, dict[str, Any]], set[int]] | None = None,
+        label: str = "train",
+    ) -> None:
+        if not (len(model_cfgs) == len(train_cfgs) == len(seeds)):
+            raise ValueError("one model config, train config and seed per trial")
+        t0 = train_cfgs[0]
+        for tc in train_cfgs[1:]:
+            for key in ("epochs", "batch_size", "bptt", "engine", "output_gain"):
+                if getattr(tc, key) != getattr(t0, key):
+                    raise ConfigError(f"train.{key}", "must be equal across trials run together")
+        if task.name != "sine_square" and t0.bptt != "full":
+            raise ConfigError("train.bptt", f"{t0.bptt!r} is only for the sine_square task "
+                              "(labels at every step); use full")
+        self.task = task
+        self.tcfg = t0
+        self.seeds = list(seeds)
+        self.K = len(seeds)
+        self.net = DynamicalNetwork(model_cfgs, task.n_in, task.n_out, seeds, task.input_centre)
+        self.net.engine = t0.engine
+        self.lr0 = torch.tensor([tc.lr0 for tc in train_cfgs])
+        self.decay = torch.tensor([tc.lr_decay for tc in train_cfgs])
+        self.grad_clip = torch.tensor([tc.grad_clip or math.inf for tc in train_cfgs])
+        self.lr_factor = torch.ones(self.K)
+        self.active = torch.ones(self.K, dtype=torch.bool)
+        self.opt = TrialAdam(self.net.trainable(), self.K)
+        self.statuses = [TrialStatus(s) for s in seeds]
+        self.max_rollbacks = t0.max_rollbacks
+        self.log = log
+        self.progress = progress
+        self.on_epoch = on_epoch
+        self.label = label
+        self.history: list[dict[str, Any]] = []
+        self.gens = [torch.Generator().manual_seed(10_007 * int(s) + 1) for s in seeds]
+        self._snapshot()
+
+    # ------------------------------------------------------------- snapshots / rollback
+    def _snapshot(self) -> None:
+        self._snap = [
+            ({n: p[k].detach().clone() for n, p in self.net.named_parameters()},
+             self.opt.state_of(k))
+            for k in range(self.K)
+        ]
+
+    @torch.no_grad()
+    def _rollback(self, k: int, why: str, epoch: int) -> None:
+        params, opt_state = self._snap[k]
+        for n, p in self.net.named_parameters():
+            p[k].copy_(params[n])
+        self.opt.load_state_of(k, opt_state)
+        st = self.statuses[k]
+        st.rollbacks += 1
+        if st.rollbacks > self.max_rollbacks:
+            st.status = "failed"
+            self.active[k] = False
+            st.events.append(f"epoch {epoch}: {why}; failed after {self.max_rollbacks} rollbacks")
+        else:
+            st.status = "rolled_back"
+            self.lr_factor[k] *= 0.5
+            st.events.append(
+                f"epoch {epoch}: {why}; rolled back to the last good epoch, lr halved. Likely "
+                "cause: the drive times the Euler step is too large (raise model.substeps, "
+                "lower S/S_in or the learning rate)"
+            )
+
+    # ------------------------------------------------------------- one update
+    def _update(self, x: torch.Tensor, y: torch.Tensor, epoch: int,
+                state: State | None = None) -> tuple[torch.Tensor, torch.Tensor, State]:
+        net = self.net
+        for p in net.trainable():
+            p.grad = None
+        xseq, fin = net(x, state)
+        out = net.readout(xseq if self.task.per_step else xseq[:, :, -1:])
+        losses = self.task.loss(out, y)
+        bad = ~torch.isfinite(losses.detach()) | ~torch.isfinite(fin.x.detach()).flatten(1).all(1)
+        use = self.active & ~bad
+        if use.any():
+            (losses * use.float()).nan_to_num(0.0).sum().backward()
+            with torch.no_grad():
+                for p in net.trainable():
+                    if p.grad is not None:
+                        shape = (self.K,) + (1,) * (p.dim() - 1)
+                        c = self.grad_clip.view(shape).to(p.dtype)
+                        p.grad.copy_(torch.maximum(torch.minimum(p.grad, c), -c))
+            self.opt.step(lr_at(self.lr0, self.decay, epoch) * self.lr_factor, use)
+            net.clip_parameters()
+        for k in torch.nonzero(bad & self.active).flatten().tolist():
+            self._rollback(k, "non-finite loss or state", epoch)
+        metric = self.task.metric(out.detach(), y)
+        return losses.detach(), metric, fin.detach()
+
+    # ------------------------------------------------------------- epochs
+    def _epoch_batches(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.task.splits["train"]
+        n, bs = len(data), self.tcfg.batch_size
+        perms = torch.stack([torch.randperm(n, generator=g) for g in self.gens])  # (K, n)
+        losses, metrics, counts = torch.zeros(self.K), torch.zeros(self.K), 0
+        for i in range(0, n, bs):
+            idx = perms[:, i : i + bs]
+            x, y = data.x[idx], data.y[idx]
+            loss, metric, _ = self._update(x, y, epoch)
+            b = idx.shape[1]
+            losses += loss.nan_to_num(0.0) * b
+            metrics += metric * b
+            counts += b
+        return losses / counts, metrics / counts
+
+    def _epoch_sequence(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sine/square: one long series, full, truncated or shifted-start BPTT (thesis 5.7)."""
+        data = self.task.splits["train"]
+        x, y = data.x, data.y  # (1, T, 1), (1, T)
+        T = x.shape[1]
+        mode, w = self.tcfg.bptt, self.task.cfg.window
+        if mode == "full":
+            loss, metric, _ = self._update(x, y, epoch)
+            return loss, metric
+        losses, metrics, n = torch.zeros(self.K), torch.zeros(self.K), 0
+        if mode == "truncated":
+            # windows of w points, shifted by one more point every epoch (thesis 5.7.4)
+            off = epoch % w
+            with torch.no_grad():
+                _, state = self.net(x[:, :off]) if off else (None, self.net.initial_state(1))
+            for s in range(off, T - w + 1, w):
+                loss, metric, state = self._update(x[:, s : s + w], y[:, s : s + w], epoch, state)
+                losses += loss.nan_to_num(0.0)
+                metrics += metric
+                n += 1
+            return losses / max(n, 1), metrics / max(n, 1)
+        # shifted start (eq. 5.11): window i covers points i..i+w-1; its start state is the
+        # previous window's start state advanced by one point with the updated parameters.
+        start = self.net.initial_state(1)
+        for s in range(0, T - w + 1):
+            loss, metric, _ = self._update(x[:, s : s + w], y[:, s : s + w], epoch, start)
+            losses += loss.nan_to_num(0.0)
+            metrics += metric
+            n += 1
+            with torch.no_grad():
+                _, start = self.net(x[:, s : s + 1], start)
+        return losses / n, metrics / n
+
+    def fit(self) -> TrainResult:
+        from tqdm import tqdm
+
+        t_start = time.perf_counter()
+        epochs = self.tcfg.epochs
+        bar = tqdm(total=epochs, desc=self.label, disable=not self.progress, unit="epoch",
+                   dynamic_ncols=True)
+        eval_splits = [s for s in ("val", "test") if s in self.task.splits]
+        for epoch in range(epochs):
+            if self.task.name == "sine_square":
+                tr_loss, tr_metric = self._epoch_sequence(epoch)
+            else:
+                tr_loss, tr_metric = self._epoch_batches(epoch)
+            evals = {s: evaluate(self.net, self.task, s) for s in eval_splits}
+            # a trial whose evaluation is non-finite also rolls back
+            for k in range(self.K):
+                if self.active[k] and not all(
+                    bool(torch.isfinite(e["loss"][k])) for e in evals.values()
+                ):
+                    self._rollback(k, "non-finite evaluation loss", epoch)
+            lr = lr_at(self.lr0, self.decay, epoch) * self.lr_factor
+            for k, seed in enumerate(self.seeds):
+                rec = {
+                    "epoch": epoch, "seed": seed, "trial": k,
+                    "train_loss": float(tr_loss[k]), f"train_{self.task.metric_name}":
+                    float(tr_metric[k]), "lr": float(lr[k]), "status": self.statuses[k].status,
+                }
+                for s, e in evals.items():
+                    rec[f"{s}_loss"] = float(e["loss"][k])
+                    rec[f"{s}_{self.task.metric_name}"] = float(e["metric"][k])
+                    if "saturated" in e:
+                        rec[f"{s}_saturated"] = float(e["saturated"][k])
+                self.history.append(rec)
+                if self.log:
+                    self.log(rec)
+            self._snapshot_good(evals)
+            main = evals.get("val", evals.get("test"))
+            if main is not None:
+                good = main["metric"][self.active]
+                if good.numel():
+                    bar.set_postfix_str(
+                        f"median {self.task.metric_name} {float(good.median()) * 100:.1f}% "
+                        f"({int(self.active.sum())}/{self.K} trials)"
+                    )
+            bar.update(1)
+            if self.on_epoch is not None:
+                stop = self.on_epoch(epoch, {"evals": evals, "train_metric": tr_metric})
+                for k in stop:
+                    if self.active[k]:
+                        self.active[k] = False
+                        self.statuses[k].status = "pruned"
+            if not self.active.any():
+                break
+        bar.close()
+        final = []
+        for k, seed in enumerate(self.seeds):
+            last = [r for r in self.history if r["trial"] == k][-1]
+            final.append({**last, "seed": seed, "status": self.statuses[k].status,
+                          "rollbacks": self.statuses[k].rollbacks,
+                          "events": self.statuses[k].events})
+        return TrainResult(self.net, self.history, final, self.statuses,
+                           time.perf_counter() - t_start)
+
+    def _snapshot_good(self, evals: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Keep the last good epoch of each trial (finite parameters) for rollback."""
+        for k in range(self.K):
+            finite = all(bool(torch.isfinite(p[k]).all()) for p in self.net.trainable())
+            if finite and self.active[k]:
+                self._snap[k] = (
+                    {n: p[k].detach().clone() for n, p in self.net.named_parameters()},
+                    self.opt.state_of(k),
+                )
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Median, mean, standard deviation, quartiles, min and max."""
+    a = np.asarray(values, dtype=float)
+    if a.size == 0:
+        return {"n": 0}
+    return {
+        "n": int(a.size), "median": float(np.median(a)), "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "q25": float(np.percentile(a, 25)), "q75": float(np.percentile(a, 75)),
+        "min": float(a.min()), "max": float(a.max()),
+    }
+
+
+def clone_cfg(cfg: Any, **changes: Any) -> Any:
+    c = copy.deepcopy(cfg)
+    for k, v in changes.items():
+        setattr(c, k, v)
+    return c

@@ -1,0 +1,55 @@
+"""The command line end to end on tiny settings."""
+
+import json
+
+import pytest
+
+from hil.cli import main
+
+TINY = ["--seeds", "0-1", "--epochs", "1", "--set", "model.n_hidden=6", "--set",
+        "model.n_layers=2", "--set", "train.batch_size=300", "--no-progress"]
+
+
+def test_train_writes_a_complete_run_folder(runs_dir, capsys):
+    assert main(["train", "--preset", "digits", *TINY]) == 0
+    out = capsys.readouterr().out
+    folder = runs_dir / next(p.name for p in runs_dir.iterdir())
+    assert f"run folder: {folder}" in out
+    for name in ("config.yaml", "environment.json", "metrics.jsonl", "final.json",
+                 "summary.json", "model.pt", "accuracy.png", "trajectories.png"):
+        assert (folder / name).is_file(), name
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["test"]["n"] == 2
+    assert {"median", "mean", "std", "q25", "q75"} <= set(summary["test"])
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # one epoch x two seeds
+    # analysis and design rules on the trained run
+    assert main(["analyse", str(folder)]) == 0
+    assert (folder / "connectivity_seed0.png").is_file()
+    assert (folder / "pca_layer1_seed0.png").is_file()
+    assert main(["design", "--run", str(folder)]) == 0
+    assert "cumulative_drive" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--task", "mnist"], "task.name: unknown task 'mnist'"),
+        (["--model", "memristor"], "model.neuron: unknown model 'memristor'"),
+        (["--set", "model.tau_ns=-2"], "model.tau_ns: must be a positive number"),
+        (["--set", "model.density_intra=2"], "model.density_intra: must be in [0, 1]"),
+        (["--seeds", "x"], "seeds: cannot read 'x'"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+    ],
+)
+def test_bad_input_gives_clear_error_and_exit_code(runs_dir, capsys, args, words):
+    assert main(["train", *args, "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert words in err
+    assert "Traceback" not in err
+
+
+def test_design_rules_warn_outside_the_rules(capsys):
+    assert main(["design", "--set", "model.dt_ns=20", "--set", "model.tau_ns=5"]) == 0
+    out = capsys.readouterr().out
+    assert "not shorter than the relaxation time" in out

@@ -1,0 +1,80 @@
+"""Task data: splits, shapes, labels and the flip-flop rule."""
+
+import numpy as np
+import torch
+
+from hil.config import TaskConfig
+from hil.tasks import (
+    FlipFlop,
+    SequentialDigits,
+    SineSquare,
+    flipflop_batch,
+    sine_square_sequence,
+)
+
+
+def test_digits_split_and_sequence():
+    t = SequentialDigits(TaskConfig())
+    assert len(t.splits["train"]) == 898 and len(t.splits["test"]) == 899
+    x = t.splits["train"].x
+    assert x.shape[1:] == (64, 1)
+    assert 0 <= float(x.min()) and float(x.max()) <= 1
+    assert t.input_centre == float(x.mean())
+    assert set(t.splits["test"].y.unique().tolist()) == set(range(10))
+
+
+def test_digits_validation_split_comes_from_train_half():
+    t = SequentialDigits(TaskConfig(val_fraction=0.2))
+    full = SequentialDigits(TaskConfig())
+    assert len(t.splits["train"]) + len(t.splits["val"]) == 898
+    assert torch.equal(t.splits["test"].x, full.splits["test"].x)
+
+
+def test_digits_loss_and_metric_per_trial():
+    t = SequentialDigits(TaskConfig())
+    y = torch.tensor([1, 2, 3])
+    out = torch.zeros(2, 3, 1, 10)
+    out[0, torch.arange(3), 0, y] = 10.0  # trial 0 right, trial 1 uniform
+    acc = t.metric(out, y)
+    assert acc[0] == 1.0
+    loss = t.loss(out, y)
+    assert loss[0] < 1e-3 and abs(float(loss[1]) - np.log(10)) < 1e-5
+
+
+def test_sine_square_sequence_shares_extremes():
+    x, y = sine_square_sequence(50, 8, seed=3)
+    assert x.shape == y.shape == (400,)
+    per = x.reshape(50, 8)
+    assert np.allclose(per[:, 2], 1.0) and np.allclose(per[:, 6], -1.0)
+    assert set(np.unique(y)) == {0.0, 1.0}
+    t = SineSquare(TaskConfig(n_periods=20))
+    assert not torch.equal(t.splits["train"].x, t.splits["test"].x)
+
+
+def test_flipflop_rule():
+    x, y = flipflop_batch(4, 150, 3, 0.1, 0.0, delay=2, width=3, seed=0)
+    for i in range(4):
+        for b in range(3):
+            state, t = 0.0, 0
+            expected = np.zeros(150)
+            pending = []
+            while t < 150:
+                if x[i, t, b] != 0 and (t == 0 or x[i, t - 1, b] == 0):
+                    pending.append((t + 3 + 2, x[i, t, b]))
+                t += 1
+            for t in range(150):
+                for when, s in pending:
+                    if when == t:
+                        state = s
+                expected[t] = state
+            assert np.array_equal(expected, y[i, :, b])
+    assert np.abs(y).max() == 1.0
+
+
+def test_flipflop_task_metric():
+    t = FlipFlop(TaskConfig(n_train=5, n_test=3, seq_len=50))
+    y = t.splits["test"].y
+    out = (y + 0.1).unsqueeze(0).unsqueeze(3).squeeze(3)[None].squeeze(0)
+    assert out.shape == (1, 3, 50, 3)
+    assert float(t.metric(out, y)[0]) == 1.0
+    assert float(t.metric(out + 0.2, y)[0]) == 0.0

@@ -1,0 +1,104 @@
+"""Training: it learns, it is reproducible, and it survives divergence."""
+
+import math
+
+import pytest
+import torch
+
+from hil.config import ModelConfig, TaskConfig, TrainConfig
+from hil.tasks import SequentialDigits, SineSquare
+from hil.train import Trainer, TrialAdam, lr_at, summarize
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return SequentialDigits(TaskConfig())
+
+
+def small(**kw):
+    base = dict(n_hidden=12, n_layers=2, S_in=4.0, S=1.0, tau_ns=7.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_digits_training_learns(digits):
+    tc = TrainConfig(epochs=3, batch_size=60, lr0=0.02)
+    res = Trainer([small()], [tc], [0], digits, progress=False).fit()
+    accs = [r["test_accuracy"] for r in res.history]
+    assert accs[-1] > 0.3  # chance is 0.1
+    assert res.final[0]["status"] == "ok"
+
+
+def test_same_seed_same_result_alone_or_stacked(digits):
+    tc = TrainConfig(epochs=1, batch_size=100, lr0=0.02)
+    a = Trainer([small()], [tc], [5], digits, progress=False).fit()
+    b = Trainer([small(), small()], [tc, tc], [4, 5], digits, progress=False).fit()
+    assert a.final[0]["test_accuracy"] == pytest.approx(b.final[1]["test_accuracy"], abs=2e-3)
+    assert a.final[0]["train_loss"] == pytest.approx(b.final[1]["train_loss"], rel=1e-4)
+    c = Trainer([small()], [tc], [5], digits, progress=False).fit()
+    assert c.final[0]["train_loss"] == a.final[0]["train_loss"]
+
+
+def test_divergence_rolls_back_and_fails_only_that_seed(digits):
+    """A trial driven to NaN is rolled back, then marked failed; its neighbour trains on."""
+    tc = TrainConfig(epochs=2, batch_size=300, lr0=0.02, max_rollbacks=1)
+    tr = Trainer([small(S_in=1e6), small()], [tc, tc], [0, 1], digits, progress=False)
+    res = tr.fit()
+    assert res.final[0]["status"] == "failed"
+    assert res.final[0]["rollbacks"] == 2
+    assert any("Euler step" in e for e in res.final[0]["events"])
+    assert res.final[1]["status"] == "ok"
+    assert math.isfinite(res.final[1]["test_loss"])
+
+
+def test_sine_square_shifted_start_bptt_runs_and_learns():
+    task = SineSquare(TaskConfig(n_periods=12, window=8))
+    mc = ModelConfig(n_layers=1, n_hidden=4, tau_ns=2.0, S=1.0, S_in=1.0, dt_ns=1.0,
+                     w_clip_dt=None, b_clip_dt=None)
+    tc = TrainConfig(epochs=2, lr0=0.02, bptt="shifted", output_gain=10.0)
+    res = Trainer([mc], [tc], [0], task, progress=False).fit()
+    assert 0 <= res.final[0]["test_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("mode", ["full", "truncated"])
+def test_sine_square_other_modes(mode):
+    task = SineSquare(TaskConfig(n_periods=10, window=8))
+    mc = ModelConfig(n_layers=1, n_hidden=3, tau_ns=2.0, S=1.0)
+    tc = TrainConfig(epochs=2, lr0=0.02, bptt=mode, output_gain=10.0)
+    res = Trainer([mc], [tc], [0], task, progress=False).fit()
+    assert len(res.history) == 2
+
+
+def test_bptt_modes_only_for_sequence_task(digits):
+    from hil.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.bptt"):
+        Trainer([small()], [TrainConfig(bptt="truncated")], [0], digits, progress=False)
+
+
+def test_trial_adam_matches_torch_adam():
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(2, 3, 4))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    ref = torch.optim.Adam([p2], lr=0.01)
+    mine = TrialAdam([p1], 2)
+    for _ in range(5):
+        g = torch.randn(2, 3, 4)
+        p1.grad, p2.grad = g.clone(), g.clone()
+        ref.step()
+        mine.step(torch.tensor([0.01, 0.01]), torch.tensor([True, True]))
+    assert torch.allclose(p1, p2, atol=1e-6)
+    before = p1.detach().clone()
+    p1.grad = torch.randn(2, 3, 4)
+    mine.step(torch.tensor([0.01, 0.01]), torch.tensor([True, False]))
+    assert torch.equal(p1[1], before[1]) and not torch.equal(p1[0], before[0])
+
+
+def test_lr_schedule():
+    assert float(lr_at(torch.tensor(0.1), torch.tensor(5.0), 5)) == pytest.approx(0.05)
+
+
+def test_summary():
+    s = summarize([0.8, 0.9, 1.0])
+    assert s["median"] == 0.9 and s["min"] == 0.8 and s["n"] == 3
+    assert s["std"] == pytest.approx(0.1)

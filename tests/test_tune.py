@@ -1,0 +1,78 @@
+"""Optuna search: shared storage with two workers, and resume after a kill."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from hil.cli import main
+from hil.tune import recover_stale
+
+TINY = ["--epochs", "1", "--set", "model.n_hidden=4", "--set", "model.n_layers=2",
+        "--set", "train.batch_size=400", "--seeds", "0", "--no-progress"]
+
+
+def _study(folder):
+    return optuna.load_study(study_name="hil", storage=f"sqlite:///{folder / 'study.db'}")
+
+
+def test_two_workers_share_one_study(runs_dir):
+    assert main(["tune", *TINY, "--n-trials", "4", "--batch", "1", "--workers", "2"]) == 0
+    folder = next(runs_dir.iterdir())
+    trials = _study(folder).get_trials()
+    assert len(trials) == 4
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers contributed
+    assert (folder / "best.yaml").is_file() and (folder / "trials.csv").is_file()
+    # the best config is accepted by hil train
+    assert main(["train", "--config", str(folder / "best.yaml"), *TINY]) == 0
+
+
+def test_stale_trial_of_a_dead_worker_is_requeued(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=storage, study_name="hil", direction="maximize")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    t = study.ask({"model.S": optuna.distributions.FloatDistribution(0.1, 1.0)})
+    import socket
+
+    t.set_user_attr("host", socket.gethostname())
+    t.set_user_attr("pid", dead.pid)
+    assert recover_stale(study) == 1
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert trials[1].state == TrialState.WAITING
+    assert trials[1].params == {} and trials[1].system_attrs["fixed_params"] == t.params
+
+
+def test_killed_search_resumes(runs_dir):
+    env = {**os.environ, "HIL_RUNS": str(runs_dir)}
+    cmd = [sys.executable, "-m", "hil.cli", "tune", *TINY, "--n-trials", "6", "--batch", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    folder = None
+    while time.time() < deadline:
+        dirs = list(runs_dir.iterdir()) if runs_dir.exists() else []
+        if dirs and (dirs[0] / "study.db").exists():
+            folder = dirs[0]
+            try:
+                done = _study(folder).get_trials(states=(TrialState.COMPLETE,))
+            except Exception:  # study not created yet
+                done = []
+            if len(done) >= 2:
+                break
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert folder is not None
+    before = len(_study(folder).get_trials(states=(TrialState.COMPLETE,)))
+    assert 2 <= before < 6
+    assert main(["tune", *TINY, "--n-trials", "6", "--batch", "1", "--resume", str(folder)]) == 0
+    trials = _study(folder).get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) >= 6 - sum(t.state == TrialState.FAIL for t in trials)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
