@@ -1,0 +1,523 @@
+"""Lab configuration: which instrument plays which role, where it is, and its limits.
+
+A lab configuration is a YAML file (read with ``yaml.safe_load``)::
+
+    name: spin-diode bench 2
+    visa_backend: ""                  # "" system VISA, "@py", or "<file>@sim" (pyvisa-sim)
+    instruments:
+      smb:
+        driver: rs_smb100a            # a name from drivers.registry.DRIVERS
+        address: GPIB0::28::INSTR
+        timeout_ms: 3000              # optional
+        visa_backend: "@py"           # optional, overrides the top-level one
+        limits:                       # optional; may only tighten the driver's hard limits
+          freq_hz: [1.0e9, 3.5e9]
+          power_dbm: {max: 10}
+        options: {}                   # driver options (e.g. stage: Z825B)
+    roles:
+      rf_source: smb
+      voltmeter: nvm
+
+``load_lab_config`` validates everything before any instrument is touched and stops at the
+first problem with one ``ConfigError`` naming the file, the key and what is allowed: unknown
+driver, missing role, bad address, a limit beyond what the instrument can do, wrong type.
+A relative ``<file>@sim`` path is resolved against the installed package root (the folder
+holding ``sims/``), so ``sims/visa/sim_lab.yaml@sim`` works from any working directory.
+
+``open_lab(config)`` opens the instruments and returns a ``Lab`` giving drivers by role;
+closing it (or leaving its ``with`` block, also on an exception) makes every instrument safe.
+``record_to=`` appends every exchange to a JSON-lines file, ``replay=`` serves a recorded
+session back to the same driver calls (see ``drivers.recording``).
+
+``hil lab check CONFIG`` opens every instrument and prints role, model, identity, address
+and status; the exit code is 1 if any instrument fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from drivers.base import DriverError, Instrument, Limits, parse_limit_spec
+from drivers.recording import LOG_NAME, ExchangeLog, RecordingTransport, ReplaySession
+from drivers.registry import DRIVERS
+from drivers.stages import Stage
+from hil.errors import ConfigError, HilError
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    kind: str
+    doc: str
+    unit: str | None = None  # stages: the unit the axis must work in
+
+
+ROLES: Mapping[str, RoleSpec] = {
+    "rf_source": RoleSpec("rf_source", "CW source feeding the sample (thesis 2.6)"),
+    "voltmeter": RoleSpec("voltmeter", "nanovoltmeter on the bias-tee DC port (thesis 2.6.1)"),
+    "dc_source": RoleSpec("dc_source", "DC bias source"),
+    "vco_supply": RoleSpec("dc_source", "supply of the VCO/amplifier channels (thesis 4.5)"),
+    "spectrum_analyzer": RoleSpec("spectrum_analyzer", "analyser calibrating the sources"),
+    "switch": RoleSpec("switch", "4-way switch to the chains and the analyser (thesis 4.4)"),
+    "source_switch": RoleSpec("switch", "switch choosing the RF source (thesis 4.4)"),
+    "stage.x": RoleSpec("stage", "sample x", "mm"),
+    "stage.y": RoleSpec("stage", "sample y", "mm"),
+    "stage.z": RoleSpec("stage", "magnet array height (field gradient axis)", "mm"),
+    "stage.rotation": RoleSpec("stage", "magnet array rotation", "deg"),
+}
+
+DEFAULT_REQUIRED_ROLES: tuple[str, ...] = ("rf_source", "voltmeter")
+
+_TOP_KEYS = ("name", "visa_backend", "instruments", "roles")
+_INSTRUMENT_KEYS = ("driver", "address", "visa_backend", "timeout_ms", "limits", "options")
+_ADDRESS_EXAMPLES = ("GPIB0::28::INSTR, TCPIP0::192.168.1.31::inst0::INSTR, "
+                     "TCPIP0::192.168.1.50::23::SOCKET, USB0::0x0AAD::0x0054::102345::INSTR, "
+                     "ASRL/dev/ttyUSB0::INSTR")
+
+
+def package_root() -> Path:
+    """The folder holding the installed ``sims`` package (relative sim paths start here)."""
+    import sims
+
+    return Path(sims.__file__).resolve().parent.parent
+
+
+class LabError(HilError):
+    """An instrument of the lab could not be opened, used or closed."""
+
+
+@dataclass(frozen=True)
+class InstrumentConfig:
+    """One validated ``instruments:`` entry."""
+
+    name: str
+    driver: str
+    address: str
+    backend: str = ""
+    timeout_ms: float | None = None
+    limits: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def driver_class(self) -> type[Instrument]:
+        return DRIVERS[self.driver]
+
+    def effective_limits(self) -> Limits:
+        """The driver's hard limits tightened by this entry."""
+        cls = self.driver_class
+        return cls.hard_limits(cls.validate_options(self.options)).tightened(self.limits)
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """A validated lab configuration."""
+
+    source: str
+    name: str
+    instruments: Mapping[str, InstrumentConfig]
+    roles: Mapping[str, str]
+
+    def roles_of(self, instrument: str) -> list[str]:
+        return [role for role, name in self.roles.items() if name == instrument]
+
+    def instrument_for(self, role: str) -> InstrumentConfig:
+        if role not in self.roles:
+            raise ConfigError(f"roles.{role}", f"no instrument has this role; roles defined: "
+                              f"{', '.join(self.roles) or 'none'}", source=self.source)
+        return self.instruments[self.roles[role]]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_lab_config(path: str | Path, *,
+                    required_roles: Iterable[str] = DEFAULT_REQUIRED_ROLES) -> LabConfig:
+    """Read and validate a lab configuration file (nothing is opened)."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("file", f"cannot read the lab configuration: {exc.strerror}",
+                          source=source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("yaml", f"not valid YAML: {exc}", source=source) from None
+    return parse_lab_config(data, source=source, required_roles=required_roles)
+
+
+def _err(key: str, message: str, source: str) -> ConfigError:
+    return ConfigError(key, message, source=source)
+
+
+def _resolve_backend(value: Any, key: str, source: str) -> str:
+    allowed = "'' (system VISA), '@py', '@ivi', '@sim' or '<file>.yaml@sim'"
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise _err(key, f"must be a string, got {type(value).__name__} {value!r}; "
+                   f"allowed: {allowed}", source)
+    if value in ("@py", "@ivi", "@sim"):
+        return value
+    if value.endswith("@sim"):
+        file = Path(value[: -len("@sim")])
+        if not file.is_absolute():
+            file = package_root() / file
+        if not file.is_file():
+            raise _err(key, f"pyvisa-sim file {file} does not exist (relative paths start at "
+                       f"{package_root()})", source)
+        return f"{file}@sim"
+    raise _err(key, f"unknown VISA backend {value!r}; allowed: {allowed}", source)
+
+
+def _check_address(address: Any, cls: type[Instrument], key: str, source: str) -> str:
+    from pyvisa import rname
+
+    if not isinstance(address, str):
+        raise _err(key, f"must be a VISA resource string such as {_ADDRESS_EXAMPLES}; "
+                   f"got {type(address).__name__} {address!r}", source)
+    try:
+        parsed = rname.parse_resource_name(address)
+    except rname.InvalidResourceName as exc:
+        raise _err(key, f"{address!r} is not a VISA resource name ({exc}); examples: "
+                   f"{_ADDRESS_EXAMPLES}", source) from None
+    interface = str(parsed.interface_type).upper()
+    if interface not in cls.INTERFACES:
+        raise _err(key, f"{address!r} is a {interface} address but the {cls.MODEL} is reached "
+                   f"through {', '.join(cls.INTERFACES)} only", source)
+    if interface == "GPIB":
+        primary = getattr(parsed, "primary_address", "")
+        if not (str(primary).isdigit() and 0 <= int(primary) <= 30):
+            raise _err(key, f"GPIB primary address must be 0-30, got {primary!r} in "
+                       f"{address!r}", source)
+    return address
+
+
+def _yaml_number_hint(spec: Any) -> str:
+    """YAML 1.1 reads ``1.0e9`` as text (the exponent needs a sign); say so."""
+    values = spec.values() if isinstance(spec, Mapping) else spec
+    for value in values if isinstance(values, Iterable) and not isinstance(values, str) else ():
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                continue
+            return f"; note: YAML reads {value!r} as text, write numbers like 1.0e+9"
+    return ""
+
+
+def _parse_instrument(name: Any, entry: Any, top_backend: str, source: str) -> InstrumentConfig:
+    base = f"instruments.{name}"
+    if not isinstance(name, str) or not name:
+        raise _err(base, "instrument names must be non-empty strings", source)
+    if not isinstance(entry, Mapping):
+        raise _err(base, f"must be a mapping with keys {', '.join(_INSTRUMENT_KEYS)}; got "
+                   f"{type(entry).__name__}", source)
+    unknown = [k for k in entry if k not in _INSTRUMENT_KEYS]
+    if unknown:
+        raise _err(f"{base}.{unknown[0]}", f"unknown key; allowed: {', '.join(_INSTRUMENT_KEYS)}",
+                   source)
+    for required in ("driver", "address"):
+        if required not in entry:
+            raise _err(f"{base}.{required}", "missing (required)", source)
+
+    driver = entry["driver"]
+    if not isinstance(driver, str) or driver not in DRIVERS:
+        raise _err(f"{base}.driver", f"unknown driver {driver!r}; allowed: "
+                   f"{', '.join(DRIVERS)}", source)
+    cls = DRIVERS[driver]
+    address = _check_address(entry["address"], cls, f"{base}.address", source)
+    backend = (_resolve_backend(entry["visa_backend"], f"{base}.visa_backend", source)
+               if "visa_backend" in entry else top_backend)
+
+    timeout = entry.get("timeout_ms")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise _err(f"{base}.timeout_ms", f"must be a positive number of milliseconds, got "
+                   f"{timeout!r}", source)
+
+    options = entry.get("options") or {}
+    if not isinstance(options, Mapping):
+        raise _err(f"{base}.options", f"must be a mapping; allowed options: "
+                   f"{', '.join(cls.OPTIONS) or 'none'}", source)
+    for opt, value in options.items():
+        if opt not in cls.OPTIONS:
+            raise _err(f"{base}.options.{opt}", f"unknown option for {driver}; allowed: "
+                       f"{', '.join(cls.OPTIONS) or 'none'}", source)
+        try:
+            cls.OPTIONS[opt].validate(opt, value)
+        except DriverError as exc:
+            raise _err(f"{base}.options.{opt}", str(exc), source) from None
+
+    limits_in = entry.get("limits") or {}
+    if not isinstance(limits_in, Mapping):
+        raise _err(f"{base}.limits", "must be a mapping of limit name to [min, max]", source)
+    hard = cls.hard_limits(cls.validate_options(options))
+    limits: dict[str, tuple[float | None, float | None]] = {}
+    for limit, spec in limits_in.items():
+        key = f"{base}.limits.{limit}"
+        if limit not in hard:
+            allowed = ", ".join(f"{k} {v}" for k, v in hard.items())
+            raise _err(key, f"unknown limit for {driver}; allowed: {allowed}", source)
+        try:
+            lo, hi = parse_limit_spec(spec, limit)
+            hard.tightened({limit: (lo, hi)})
+        except DriverError as exc:
+            raise _err(key, f"{exc} ({cls.MODEL}){_yaml_number_hint(spec)}", source) from None
+        limits[limit] = (lo, hi)
+    return InstrumentConfig(name, driver, address, backend,
+                            float(timeout) if timeout is not None else None, limits,
+                            dict(options))
+
+
+def parse_lab_config(data: Any, *, source: str = "<lab config>",
+                     required_roles: Iterable[str] = DEFAULT_REQUIRED_ROLES) -> LabConfig:
+    """Validate already-parsed YAML ``data``; ``source`` names the file in errors."""
+    if not isinstance(data, Mapping):
+        raise _err("(top level)", f"must be a mapping with keys {', '.join(_TOP_KEYS)}; got "
+                   f"{type(data).__name__}", source)
+    unknown = [k for k in data if k not in _TOP_KEYS]
+    if unknown:
+        raise _err(str(unknown[0]), f"unknown key; allowed: {', '.join(_TOP_KEYS)}", source)
+    name = data.get("name", "")
+    if not isinstance(name, str):
+        raise _err("name", f"must be a string, got {name!r}", source)
+    backend = _resolve_backend(data.get("visa_backend"), "visa_backend", source)
+
+    raw_instruments = data.get("instruments")
+    if not isinstance(raw_instruments, Mapping) or not raw_instruments:
+        raise _err("instruments", "must be a non-empty mapping of instrument name to "
+                   "{driver, address, ...}", source)
+    instruments = {name_: _parse_instrument(name_, entry, backend, source)
+                   for name_, entry in raw_instruments.items()}
+
+    raw_roles = data.get("roles") or {}
+    if not isinstance(raw_roles, Mapping):
+        raise _err("roles", f"must be a mapping of role to instrument name; roles: "
+                   f"{', '.join(ROLES)}", source)
+    roles: dict[str, str] = {}
+    for role, instrument in raw_roles.items():
+        key = f"roles.{role}"
+        if role not in ROLES:
+            raise _err(key, f"unknown role; allowed: {', '.join(ROLES)}", source)
+        if not isinstance(instrument, str) or instrument not in instruments:
+            raise _err(key, f"names instrument {instrument!r}, which is not defined; defined: "
+                       f"{', '.join(instruments)}", source)
+        spec, inst = ROLES[role], instruments[instrument]
+        cls = inst.driver_class
+        if cls.KIND != spec.kind:
+            raise _err(key, f"instrument {instrument!r} ({inst.driver}) is a {cls.KIND}; this "
+                       f"role needs a {spec.kind}", source)
+        if spec.unit is not None and issubclass(cls, Stage):
+            unit = cls.stage_model(cls.validate_options(inst.options)).unit
+            if unit != spec.unit:
+                raise _err(key, f"instrument {instrument!r} works in {unit}; this role needs "
+                           f"an axis in {spec.unit}", source)
+        roles[role] = instrument
+    for role in required_roles:
+        if role not in roles:
+            raise _err(f"roles.{role}", f"missing; required roles: "
+                       f"{', '.join(required_roles)}; defined instruments: "
+                       f"{', '.join(instruments)}", source)
+    return LabConfig(source, name, instruments, roles)
+
+
+# --------------------------------------------------------------------------- opening
+
+
+class Lab:
+    """Open drivers by role; closing makes every instrument safe (reverse opening order)."""
+
+    def __init__(self, config: LabConfig, *, log: ExchangeLog | None = None,
+                 replay: ReplaySession | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.replay = replay
+        self.instruments: dict[str, Instrument] = {}
+
+    def open_instrument(self, name: str) -> Instrument:
+        """Open (if not yet open) the instrument called ``name`` in the configuration."""
+        if name in self.instruments:
+            return self.instruments[name]
+        inst = self.config.instruments[name]
+        cls = inst.driver_class
+        what = f"instrument {name!r} ({inst.driver} at {inst.address})"
+        try:
+            if self.replay is not None:
+                transport = self.replay.transport(name, inst.address)
+                if inst.timeout_ms:
+                    transport.timeout_ms = inst.timeout_ms
+            else:
+                transport = cls.open_transport(inst.address, inst.backend, inst.timeout_ms)
+        except (ConnectionError, DriverError) as exc:
+            raise LabError(f"cannot open {what}: {exc}") from exc
+        if self.log is not None:
+            transport = RecordingTransport(transport, self.log, name)
+        try:
+            driver = cls(transport, name=name, limits=inst.limits, options=inst.options)
+        except DriverError as exc:
+            raise LabError(f"cannot use {what}: {exc}") from exc
+        self.instruments[name] = driver
+        return driver
+
+    def __getitem__(self, role: str) -> Any:
+        if role not in self.config.roles:
+            raise LabError(f"{self.config.source}: no instrument has role {role!r}; roles: "
+                           f"{', '.join(self.config.roles) or 'none'}")
+        name = self.config.roles[role]
+        if name not in self.instruments:
+            raise LabError(f"instrument {name!r} (role {role}) was not opened")
+        return self.instruments[name]
+
+    def __contains__(self, role: str) -> bool:
+        return self.config.roles.get(role) in self.instruments
+
+    def identities(self) -> dict[str, dict[str, Any]]:
+        """Per instrument: driver, model, identity string, address and roles (for run folders)."""
+        return {name: {"driver": self.config.instruments[name].driver, "model": drv.MODEL,
+                       "identity": drv.identity,
+                       "address": self.config.instruments[name].address,
+                       "roles": self.config.roles_of(name)}
+                for name, drv in self.instruments.items()}
+
+    def close(self) -> None:
+        """Make every instrument safe and release it; all are tried, failures reported after."""
+        failures = []
+        for name, driver in reversed(list(self.instruments.items())):
+            try:
+                driver.close()
+            except Exception as exc:  # keep closing the others
+                failures.append(f"{name}: {exc}")
+        self.instruments.clear()
+        if self.log is not None:
+            self.log.close()
+        if failures:
+            raise LabError("closing the lab: " + "; ".join(failures))
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except LabError as close_exc:
+            exc.add_note(str(close_exc))
+
+
+def open_lab(config: LabConfig | str | Path, *, record_to: str | Path | None = None,
+             replay: str | Path | ReplaySession | None = None,
+             roles: Iterable[str] | None = None) -> Lab:
+    """Open the instruments of ``config`` (all, or those of ``roles``) and return the ``Lab``.
+
+    ``record_to``: a run folder (the log is ``instrument_io.jsonl`` in it) or a ``.jsonl``
+    file; every exchange is appended. ``replay``: a recorded log (or ``ReplaySession``)
+    answering instead of the instruments.
+    """
+    cfg = config if isinstance(config, LabConfig) else load_lab_config(config)
+    log = None
+    if record_to is not None:
+        path = Path(record_to)
+        log = ExchangeLog(path if path.suffix == ".jsonl" else path / LOG_NAME)
+    session = ReplaySession(replay) if isinstance(replay, str | Path) else replay
+    if roles is None:
+        names = list(cfg.instruments)
+    else:
+        names = list(dict.fromkeys(cfg.instrument_for(role).name for role in roles))
+    lab = Lab(cfg, log=log, replay=session)
+    try:
+        for name in names:
+            lab.open_instrument(name)
+    except BaseException as exc:
+        try:
+            lab.close()
+        except LabError as close_exc:
+            exc.add_note(str(close_exc))
+        raise
+    return lab
+
+
+# --------------------------------------------------------------------------- hil lab check
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    instrument: str
+    roles: tuple[str, ...]
+    model: str
+    address: str
+    identity: str
+    status: str
+    ok: bool
+
+
+def check_lab(config: LabConfig) -> list[CheckResult]:
+    """Open, query and close every instrument, one at a time; failures do not stop the rest."""
+    results = []
+    for name, inst in config.instruments.items():
+        lab = Lab(config)
+        identity, ok = "", False
+        try:
+            driver = lab.open_instrument(name)
+            identity = driver.identity
+            status = driver.status()
+            lab.close()
+            ok = True
+        except Exception as exc:  # report every kind of failure, keep checking the others
+            kind = "" if isinstance(exc, LabError | DriverError) else f"{type(exc).__name__}: "
+            status = f"FAILED: {kind}{exc}"
+            try:
+                lab.close()
+            except LabError as close_exc:
+                status += f"; {close_exc}"
+        results.append(CheckResult(name, tuple(config.roles_of(name)),
+                                   inst.driver_class.MODEL, inst.address, identity, status, ok))
+    return results
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)] + [row[-1]]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``hil lab check CONFIG``: exit 0 if every instrument answered, 1 otherwise."""
+    config = load_lab_config(args.config)
+    results = check_lab(config)
+    rows = [["ROLE", "INSTRUMENT", "MODEL", "IDENTITY", "ADDRESS", "STATUS"]]
+    for r in results:
+        rows.append([",".join(r.roles) or "-", r.instrument, r.model, r.identity or "-",
+                     r.address, ("OK: " if r.ok else "") + r.status])
+    print(f"{config.source}: {config.name or 'lab'}")
+    print(_table(rows))
+    failed = [r.instrument for r in results if not r.ok]
+    if failed:
+        print(f"{len(failed)} of {len(results)} instrument(s) failed: {', '.join(failed)}")
+        return 1
+    print(f"all {len(results)} instrument(s) answered")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``hil lab check CONFIG`` to the ``hil`` command line."""
+    p = sub.add_parser("lab", help="lab configuration: check the instruments of a bench")
+    actions = p.add_subparsers(dest="lab_command", metavar="ACTION")
+    actions.required = True
+    check = actions.add_parser(
+        "check", help="open every instrument of CONFIG, print role, model, identity, address "
+                      "and status; exit code 1 if any fails")
+    check.add_argument("config", help="lab configuration YAML (e.g. lab_configs/sim.yaml)")
+    check.set_defaults(func=run_check)
