@@ -61,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args, default_preset="digits")
     folder = RunFolder.create("train", args.runs_dir, args.name or cfg.task.name)
     print(f"run folder: {folder}", file=sys.stderr)
+    from hil import design_rules
+
+    for w in design_rules.check(cfg.model)["warnings"]:
+        print(f"warning (before training): {w}", file=sys.stderr)
     summary = train_run(cfg, folder, progress=not args.no_progress)
     s = summary["test"]
     metric = summary["metric"]

@@ -1,0 +1,56 @@
+"""Analysis tools (seed 004) and design rules (paper eq. 9-11)."""
+
+import numpy as np
+import pytest
+import torch
+
+from hil import analysis, design_rules
+from hil.config import ModelConfig
+
+
+def test_pca_recovers_a_planar_trajectory():
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 6, 50)
+    basis = np.linalg.qr(rng.standard_normal((10, 2)))[0]  # orthonormal plane in 10-D
+    plane = np.stack([np.cos(t), 0.5 * np.sin(t)], -1)  # (50, 2)
+    traj = np.stack([plane @ basis.T + 0.001 * rng.standard_normal((50, 10)) for _ in range(3)])
+    res = analysis.pca(traj, 3)
+    assert res["projection"].shape == (3, 50, 3)
+    assert res["explained"][:2].sum() > 0.999
+    assert res["explained"][0] > res["explained"][1] > res["explained"][2]
+
+
+def test_eigenvalues_of_a_rotation():
+    th = 0.3
+    w = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    ev = analysis.eigenvalues(w)
+    assert np.allclose(np.abs(ev), 1.0)
+    assert np.allclose(sorted(np.angle(ev)), [-th, th])
+
+
+def test_plots_are_written(tmp_path):
+    layers = [{"W_int": np.eye(4)[::-1], "W_ext": np.ones((4, 1)), "b": np.zeros(4)}]
+    assert analysis.connectivity_plot(layers, tmp_path / "c.png").stat().st_size > 1000
+    traj = np.random.default_rng(1).standard_normal((5, 20, 4))
+    assert analysis.pca_plot(traj, np.arange(5), tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_cumulative_drive_rule():
+    cfg = ModelConfig(S=0.5, dt_ns=1.0)
+    # I = S <|W|> sqrt(N) = 0.5 * 0.25 * sqrt(64) = 1
+    assert design_rules.cumulative_drive(cfg, 0.25, 64) == pytest.approx(1.0)
+
+
+def test_design_rule_warnings():
+    cfg = ModelConfig(n_hidden=4, dt_ns=1.0, tau_ns=14.0)
+    tiny = [{"W_ext": torch.full((4, 4), 1e-4), "W_int": torch.full((4, 4), 1e-4),
+             "b": torch.zeros(4)}]
+    rep = design_rules.check(cfg, tiny)
+    assert any("cumulative drive" in w for w in rep["warnings"])
+    huge = [{"W_ext": torch.full((4, 4), 50.0), "W_int": torch.full((4, 4), 50.0),
+             "b": torch.zeros(4)}]
+    rep = design_rules.check(cfg, huge)
+    assert any("explicit Euler may diverge" in w for w in rep["warnings"])
+    rep = design_rules.check(ModelConfig(tau_ns=0.5, dt_ns=1.0, substeps=1))
+    assert any("not shorter than the relaxation time" in w for w in rep["warnings"])
+    assert any("gamma * h" in w for w in rep["warnings"])
