@@ -3,7 +3,8 @@
 A lab configuration is a YAML file (read with ``yaml.safe_load``)::
 
     name: spin-diode bench 2
-    visa_backend: ""                  # "" system VISA, "@py", or "<file>@sim" (pyvisa-sim)
+    visa_backend: ""                  # "" system VISA, "@py", "<file>@sim" (pyvisa-sim) or
+                                      # "@virtual" (the virtual lab, see below)
     instruments:
       smb:
         driver: rs_smb100a            # a name from drivers.registry.DRIVERS
@@ -17,6 +18,15 @@ A lab configuration is a YAML file (read with ``yaml.safe_load``)::
     roles:
       rf_source: smb
       voltmeter: nvm
+
+The virtual lab (``sims.virtual_lab``): instruments whose ``visa_backend`` is ``@virtual``
+(or ``virtual``) are simulated instruments of one shared world, named by a top-level
+``virtual_lab: {world: <world file>, seed: <int>, overrides: {...}}`` (a relative world path
+starts at the package root like ``@sim`` files; ``overrides`` are deep-merged into the world
+file). Every virtual instrument of a ``Lab`` shares that one world and its clock: ``lab.world``
+(its ``truth()`` is for tests and reports only), ``lab.clock`` and ``lab.sleep`` (lab time on
+the virtual bench, wall time on a real one). The loader checks that the world has an instrument
+of the configured driver at every virtual address.
 
 ``load_lab_config`` validates everything before any instrument is touched and stops at the
 first problem with one ``ConfigError`` naming the file, the key and what is allowed: unknown
@@ -37,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +85,9 @@ ROLES: Mapping[str, RoleSpec] = {
 
 DEFAULT_REQUIRED_ROLES: tuple[str, ...] = ("rf_source", "voltmeter")
 
-_TOP_KEYS = ("name", "visa_backend", "instruments", "roles")
+_TOP_KEYS = ("name", "visa_backend", "instruments", "roles", "virtual_lab")
+_VIRTUAL = "@virtual"
+_VIRTUAL_KEYS = ("world", "seed", "overrides")
 _INSTRUMENT_KEYS = ("driver", "address", "visa_backend", "timeout_ms", "limits", "options")
 _ADDRESS_EXAMPLES = ("GPIB0::28::INSTR, TCPIP0::192.168.1.31::inst0::INSTR, "
                      "TCPIP0::192.168.1.50::23::SOCKET, USB0::0x0AAD::0x0054::102345::INSTR, "
@@ -115,6 +128,21 @@ class InstrumentConfig:
 
 
 @dataclass(frozen=True)
+class VirtualLabSpec:
+    """The validated ``virtual_lab`` entry: which world file, which seed, what overrides."""
+
+    world: Path
+    seed: int | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Any:
+        """A fresh ``sims.virtual_lab.World`` (all virtual instruments of a lab share one)."""
+        from sims.virtual_lab import World
+
+        return World.from_file(self.world, seed=self.seed, overrides=self.overrides)
+
+
+@dataclass(frozen=True)
 class LabConfig:
     """A validated lab configuration."""
 
@@ -122,6 +150,7 @@ class LabConfig:
     name: str
     instruments: Mapping[str, InstrumentConfig]
     roles: Mapping[str, str]
+    virtual: VirtualLabSpec | None = None
 
     def roles_of(self, instrument: str) -> list[str]:
         return [role for role, name in self.roles.items() if name == instrument]
@@ -158,7 +187,7 @@ def _err(key: str, message: str, source: str) -> ConfigError:
 
 
 def _resolve_backend(value: Any, key: str, source: str) -> str:
-    allowed = "'' (system VISA), '@py', '@ivi', '@sim' or '<file>.yaml@sim'"
+    allowed = "'' (system VISA), '@py', '@ivi', '@sim', '<file>.yaml@sim' or '@virtual'"
     if value is None or value == "":
         return ""
     if not isinstance(value, str):
@@ -166,6 +195,8 @@ def _resolve_backend(value: Any, key: str, source: str) -> str:
                    f"allowed: {allowed}", source)
     if value in ("@py", "@ivi", "@sim"):
         return value
+    if value in (_VIRTUAL, "virtual"):
+        return _VIRTUAL
     if value.endswith("@sim"):
         file = Path(value[: -len("@sim")])
         if not file.is_absolute():
@@ -326,21 +357,121 @@ def parse_lab_config(data: Any, *, source: str = "<lab config>",
             raise _err(f"roles.{role}", f"missing; required roles: "
                        f"{', '.join(required_roles)}; defined instruments: "
                        f"{', '.join(instruments)}", source)
-    return LabConfig(source, name, instruments, roles)
+    virtual = _parse_virtual(data.get("virtual_lab"), instruments, source)
+    return LabConfig(source, name, instruments, roles, virtual)
+
+
+def _parse_virtual(entry: Any, instruments: Mapping[str, InstrumentConfig],
+                   source: str) -> VirtualLabSpec | None:
+    """Validate ``virtual_lab`` against the instruments that use the ``@virtual`` backend."""
+    users = [inst for inst in instruments.values() if inst.backend == _VIRTUAL]
+    if entry is None:
+        if users:
+            raise _err("virtual_lab", f"missing: instrument {users[0].name!r} uses the "
+                       "@virtual backend, which needs {world: <world file>, seed: <int>}", source)
+        return None
+    if not isinstance(entry, Mapping) or "world" not in entry:
+        raise _err("virtual_lab", f"must be a mapping with keys {', '.join(_VIRTUAL_KEYS)} "
+                   "(world required)", source)
+    unknown = [k for k in entry if k not in _VIRTUAL_KEYS]
+    if unknown:
+        raise _err(f"virtual_lab.{unknown[0]}", f"unknown key; allowed: "
+                   f"{', '.join(_VIRTUAL_KEYS)}", source)
+    world = entry["world"]
+    if not isinstance(world, str) or not world:
+        raise _err("virtual_lab.world", f"must be a world file name, got {world!r}", source)
+    path = Path(world) if Path(world).is_absolute() else package_root() / world
+    if not path.is_file():
+        raise _err("virtual_lab.world", f"world file {path} does not exist (relative paths "
+                   f"start at {package_root()})", source)
+    seed = entry.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise _err("virtual_lab.seed", f"must be an integer >= 0, got {seed!r}", source)
+    overrides = entry.get("overrides") or {}
+    if not isinstance(overrides, Mapping):
+        raise _err("virtual_lab.overrides", "must be a mapping merged into the world file",
+                   source)
+    from sims.virtual_lab import WorldConfigError, load_world_config
+    from sims.virtual_lab.config import canonical_address
+
+    try:
+        world_cfg = load_world_config(path, overrides=overrides, seed=seed)
+    except WorldConfigError as exc:
+        raise _err("virtual_lab.world", str(exc), source) from None
+    by_address = {spec["address"]: (name, spec) for name, spec in
+                  world_cfg["instruments"].items()}
+    for inst in users:
+        key = f"instruments.{inst.name}.address"
+        found = by_address.get(canonical_address(inst.address))
+        if found is None:
+            raise _err(key, f"the virtual world {path.name} has no instrument at "
+                       f"{inst.address}; its addresses: {', '.join(by_address)}", source)
+        world_name, spec = found
+        if spec["model"] != inst.driver:
+            raise _err(key, f"the virtual world has a {spec['model']} ({world_name!r}) at "
+                       f"{inst.address}, not a {inst.driver}", source)
+        stage = inst.options.get("stage")
+        if stage is not None and "stage" in spec and spec["stage"] != stage:
+            raise _err(f"instruments.{inst.name}.options.stage", f"the virtual world's "
+                       f"{world_name!r} carries a {spec['stage']}, not a {stage}", source)
+    return VirtualLabSpec(path, seed, dict(overrides))
 
 
 # --------------------------------------------------------------------------- opening
 
 
+class WallClock:
+    """Lab time on a real bench: the wall clock (the virtual lab has its own clock)."""
+
+    @staticmethod
+    def now_s() -> float:
+        return time.monotonic()
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
+
+
 class Lab:
-    """Open drivers by role; closing makes every instrument safe (reverse opening order)."""
+    """Open drivers by role; closing makes every instrument safe (reverse opening order).
+
+    ``world``: the virtual world the ``@virtual`` instruments live in; by default one is
+    built from ``config.virtual`` when the first of them is opened, and shared by all.
+    """
 
     def __init__(self, config: LabConfig, *, log: ExchangeLog | None = None,
-                 replay: ReplaySession | None = None) -> None:
+                 replay: ReplaySession | None = None, world: Any = None) -> None:
         self.config = config
         self.log = log
         self.replay = replay
         self.instruments: dict[str, Instrument] = {}
+        self._world = world
+        self._visa_library: Any = None
+
+    @property
+    def world(self) -> Any:
+        """The shared ``sims.virtual_lab.World`` (None for a lab without virtual instruments)."""
+        if self._world is None and self.config.virtual is not None:
+            self._world = self.config.virtual.build()
+        return self._world
+
+    @property
+    def clock(self) -> Any:
+        """``now_s()`` and ``sleep(s)`` in lab time: the virtual clock, or the wall clock."""
+        return self.world.clock if self.world is not None else WallClock()
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` of lab time (pass as ``sleep=`` to procedures that wait)."""
+        self.clock.sleep(seconds)
+
+    def _backend(self, inst: InstrumentConfig) -> Any:
+        if inst.backend != _VIRTUAL:
+            return inst.backend
+        if self._visa_library is None:
+            from sims.virtual_lab import VirtualVisaLibrary
+
+            self._visa_library = VirtualVisaLibrary.for_world(self.world)
+        return self._visa_library
 
     def open_instrument(self, name: str) -> Instrument:
         """Open (if not yet open) the instrument called ``name`` in the configuration."""
@@ -355,7 +486,8 @@ class Lab:
                 if inst.timeout_ms:
                     transport.timeout_ms = inst.timeout_ms
             else:
-                transport = cls.open_transport(inst.address, inst.backend, inst.timeout_ms)
+                transport = cls.open_transport(inst.address, self._backend(inst),
+                                               inst.timeout_ms)
         except (ConnectionError, DriverError) as exc:
             raise LabError(f"cannot open {what}: {exc}") from exc
         if self.log is not None:
@@ -416,12 +548,13 @@ class Lab:
 
 def open_lab(config: LabConfig | str | Path, *, record_to: str | Path | None = None,
              replay: str | Path | ReplaySession | None = None,
-             roles: Iterable[str] | None = None) -> Lab:
+             roles: Iterable[str] | None = None, world: Any = None) -> Lab:
     """Open the instruments of ``config`` (all, or those of ``roles``) and return the ``Lab``.
 
     ``record_to``: a run folder (the log is ``instrument_io.jsonl`` in it) or a ``.jsonl``
     file; every exchange is appended. ``replay``: a recorded log (or ``ReplaySession``)
-    answering instead of the instruments.
+    answering instead of the instruments. ``world``: a ``sims.virtual_lab.World`` for the
+    ``@virtual`` instruments instead of the one ``config.virtual`` describes.
     """
     cfg = config if isinstance(config, LabConfig) else load_lab_config(config)
     log = None
@@ -433,7 +566,7 @@ def open_lab(config: LabConfig | str | Path, *, record_to: str | Path | None = N
         names = list(cfg.instruments)
     else:
         names = list(dict.fromkeys(cfg.instrument_for(role).name for role in roles))
-    lab = Lab(cfg, log=log, replay=session)
+    lab = Lab(cfg, log=log, replay=session, world=world)
     try:
         for name in names:
             lab.open_instrument(name)
@@ -461,10 +594,14 @@ class CheckResult:
 
 
 def check_lab(config: LabConfig) -> list[CheckResult]:
-    """Open, query and close every instrument, one at a time; failures do not stop the rest."""
+    """Open, query and close every instrument, one at a time; failures do not stop the rest.
+
+    The virtual instruments are checked in one shared world, as ``open_lab`` would open them.
+    """
     results = []
+    world = config.virtual.build() if config.virtual is not None else None
     for name, inst in config.instruments.items():
-        lab = Lab(config)
+        lab = Lab(config, world=world)
         identity, ok = "", False
         try:
             driver = lab.open_instrument(name)
@@ -502,6 +639,9 @@ def run_check(args: argparse.Namespace) -> int:
         rows.append([",".join(r.roles) or "-", r.instrument, r.model, r.identity or "-",
                      r.address, ("OK: " if r.ok else "") + r.status])
     print(f"{config.source}: {config.name or 'lab'}")
+    if config.virtual is not None:
+        seed = "world default" if config.virtual.seed is None else config.virtual.seed
+        print(f"virtual lab: world {config.virtual.world}, seed {seed}")
     print(_table(rows))
     failed = [r.instrument for r in results if not r.ok]
     if failed:
