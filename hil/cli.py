@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "hil.commands.tune",
     "hil.commands.design",
     "hil.commands.analyse",
+    "hil.commands.calibrate",
     "hil.lab",
 )
 

@@ -1,0 +1,161 @@
+"""Position optimisation in the field gradient (thesis 4.7, Algorithm 2, eq. 4.4).
+
+For each chain: Optuna (TPE, seeded) proposes the stage z; at each trial the chain's voltages
+for a set of inputs are measured, V_max is the least-squares scale (closed form), and the trial
+scores the metric
+
+    M = sqrt( mean_j (V_exp,j - V_max sum_i w_i P_ij)^2 ) / V_max
+
+(eq. 4.4 read as an RMS, ERRATA: its 1/100 in front of the root makes it RMS/10; divided by
+V_max here so chains of different strength compare). A first frequency sweep located against
+the design model (``calibration.chain.place_chain``'s step 1) brings a chain glued ~1 mm off
+within reach; Optuna then searches a narrow window. ``track`` re-optimises every N inputs of a
+long run to follow drift and records M, z and V_max over time (thesis Fig. 4.8).
+
+The inputs: ``measure`` is any callable ``(lab, inputs_mw) -> volts`` for an array of input
+sets (rows: sets, columns: the chain's input frequencies); ``generator_one_hot`` is the
+single-tone implementation with the precise generator (each set one tone), usable without
+the multi-channel source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from calibration.chain import ChainDesign, approach_z, measure_inputs_v
+
+Measure = Callable[[Any, np.ndarray], np.ndarray]
+
+
+def generator_one_hot(port: int, freq_hz: Sequence[float], *, n_avg: int = 4) -> Measure:
+    """Inputs measured one tone at a time with the generator: a set must have one non-zero
+    entry (its power in mW at that column's frequency)."""
+
+    def measure(lab: Any, inputs_mw: np.ndarray) -> np.ndarray:
+        out = []
+        for row in np.atleast_2d(inputs_mw):
+            (k,) = np.flatnonzero(row)
+            out.append(measure_inputs_v(lab, port, [freq_hz[k]], [row[k]], n_avg=n_avg)[0])
+        return np.array(out)
+
+    return measure
+
+
+def metric(v_exp: np.ndarray, inputs_mw: np.ndarray, target_w: Sequence[float],
+           rescale_mw: np.ndarray | None = None) -> tuple[float, float]:
+    """(M, V_max) of eq. 4.4 (module doc). ``rescale_mw``: per-input power that encodes x = 1
+    (eq. 3.3), so an input's value is P / rescale."""
+    x = np.atleast_2d(inputs_mw) / (1.0 if rescale_mw is None else np.asarray(rescale_mw))
+    s = x @ np.asarray(target_w, float)
+    v_max = float(v_exp @ s / (s @ s))
+    if v_max <= 0:
+        return float("inf"), v_max
+    return float(np.sqrt(np.mean((v_exp - v_max * s) ** 2)) / v_max), v_max
+
+
+@dataclass
+class Optimisation:
+    stage_z_mm: float
+    v_max_v: float
+    m: float
+    trials: list[tuple[float, float]] = field(default_factory=list)
+
+
+def optimise_z(lab: Any, design: ChainDesign, measure: Measure, inputs_mw: np.ndarray,
+               rescale_mw: np.ndarray, z_lo_mm: float, z_hi_mm: float, *, n_trials: int = 25,
+               seed: int = 0) -> Optimisation:
+    """Algorithm 2 for one chain: Optuna over stage z in [z_lo, z_hi], V_max by least squares.
+
+    The stage always approaches from below (``approach_z``). Returns the best trial, with the
+    stage left there.
+    """
+    stage = lab["stage.z"]
+    trials: list[tuple[float, float]] = []
+    v_max_of: dict[int, float] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        z = trial.suggest_float("z_mm", z_lo_mm, z_hi_mm)
+        approach_z(stage, z)
+        m, v_max = metric(measure(lab, inputs_mw), inputs_mw, design.target_w, rescale_mw)
+        trials.append((z, m))
+        v_max_of[trial.number] = v_max
+        return m if np.isfinite(m) else 1e9
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(objective, n_trials=n_trials)
+    best = study.best_trial
+    z_best = float(best.params["z_mm"])
+    approach_z(stage, z_best)
+    return Optimisation(z_best, v_max_of[best.number], float(best.value), trials)
+
+
+@dataclass
+class Tracking:
+    """A long run: M per input, and z / V_max per (re-)optimisation (thesis Fig. 4.8)."""
+
+    input_index: list[int] = field(default_factory=list)
+    input_m: list[float] = field(default_factory=list)
+    lab_time_s: list[float] = field(default_factory=list)
+    optimised_at: list[int] = field(default_factory=list)
+    z_mm: list[float] = field(default_factory=list)
+    v_max_v: list[float] = field(default_factory=list)
+
+
+def track(lab: Any, design: ChainDesign, measure: Measure, calibration_inputs_mw: np.ndarray,
+          run_inputs_mw: np.ndarray, rescale_mw: np.ndarray, z_start_mm: float, *, every: int = 10,
+          window_mm: float = 0.015, n_trials: int = 12, seed: int = 0,
+          between: Callable[[int], None] | None = None) -> Tracking:
+    """Process ``run_inputs_mw`` one set at a time, re-optimising z every ``every`` inputs in a
+    window of +-``window_mm`` around the last optimum (thesis 4.7: every ten images).
+    ``between(i)`` runs after input ``i`` (e.g. the rest of the network's work, or waiting)."""
+    out = Tracking()
+    z = z_start_mm
+    for i, row in enumerate(np.atleast_2d(run_inputs_mw)):
+        if i % every == 0:
+            opt = optimise_z(lab, design, measure, calibration_inputs_mw, rescale_mw, z - window_mm,
+                             z + window_mm, n_trials=n_trials, seed=seed + i)
+            z = opt.stage_z_mm
+            out.optimised_at.append(i)
+            out.z_mm.append(z)
+            out.v_max_v.append(opt.v_max_v)
+        v = measure(lab, row[None, :])
+        s = float(row / rescale_mw @ np.asarray(design.target_w))
+        v_max = out.v_max_v[-1]
+        out.input_index.append(i)
+        out.input_m.append(float(abs(v[0] - v_max * s) / v_max))
+        out.lab_time_s.append(float(lab.clock.now_s()))
+        if between is not None:
+            between(i)
+    return out
+
+
+def plot_tracking(tracks: dict[str, Tracking], path: str | Path) -> Path:
+    """Thesis Fig. 4.8: M over the inputs (optimisations dashed), then z and V_max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b, c) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    for name, t in tracks.items():
+        a.plot(t.input_index, t.input_m, ".-", label=name)
+        b.plot(t.optimised_at, 1e3 * (np.array(t.z_mm) - t.z_mm[0]), "o-", label=name)
+        c.plot(t.optimised_at, 1e6 * np.array(t.v_max_v), "o-", label=name)
+        for i in t.optimised_at:
+            a.axvline(i, ls="--", lw=0.5, color="gray")
+    a.set(ylabel="|V - V_max w.x| / V_max", title="metric per input (optimisations dashed)")
+    b.set(ylabel="optimal z - first (um)")
+    c.set(ylabel="V_max (uV)", xlabel="input")
+    a.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
