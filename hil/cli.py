@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "hil.commands.tune",
     "hil.commands.design",
     "hil.commands.analyse",
+    "hil.commands.upload",
+    "hil.commands.study",
     "hil.commands.calibrate",
     "hil.lab",
 )

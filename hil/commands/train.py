@@ -48,17 +48,51 @@ def register(sub: Any) -> None:
     p = sub.add_parser("train", help="train a network on a task (off-chip, several seeds at once)",
                        description="Train the dynamical network on a task. Writes a run folder "
                        "with the resolved config, per-epoch metrics, per-seed results, a summary "
-                       "and plots.")
+                       "and plots. With --backend, the trained network is also uploaded to one chip "
+                       "per seed and evaluated there; with --in-the-loop as well, it is trained "
+                       "with the chip in the loop (forward on the chip, backward on the model).")
     add_config_args(p)
+    add_backend_args(p)
+    p.add_argument("--in-the-loop", action="store_true",
+                   help="chip-in-the-loop training: forward pass on --backend, backward on the twin")
+    p.add_argument("--twin", choices=("nominal", "calibrated"), default="calibrated",
+                   help="the model used in the backward pass: nominal values, or calibrated on "
+                   "each chip first (default)")
+    p.add_argument("--init", metavar="RUN_FOLDER",
+                   help="start from the weights of a trained run with the same seeds (e.g. off-chip)")
+    p.add_argument("--monitor-every", type=int, default=0, metavar="N",
+                   help="every N steps compare twin and chip on a probe set; re-identify the twin "
+                   "on drift (0: off)")
+    p.add_argument("--monitor-ratio", type=float, default=1.5,
+                   help="re-identify when the residual exceeds this times its value after calibration")
     p.set_defaults(func=run)
 
 
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--device`` (shared by train, upload and study)."""
+    from hil.backends import BACKENDS
+
+    p.add_argument("--backend", choices=sorted(BACKENDS),
+                   help="chip to use: sim (simulated oscillator array) or model (the ideal model)")
+    p.add_argument("--device", dest="device", action="append", default=[], metavar="KEY=VALUE",
+                   help="simulated-chip setting, e.g. --device cv_gamma=0.3 (repeatable; see "
+                   "sims.oscillator_device.DeviceConfig)")
+
+
 def run(args: argparse.Namespace) -> int:
+    from hil.errors import ConfigError
     from hil.experiment import train_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = resolve_config(args, default_preset="digits")
+    backend = getattr(args, "backend", None)
+    if getattr(args, "in_the_loop", False) and not backend:
+        raise ConfigError("--in-the-loop", "needs --backend NAME (the chip to train with)", "command line")
+    if getattr(args, "device", None) and not backend:
+        raise ConfigError("--device", "device settings need --backend", "command line")
+    if getattr(args, "in_the_loop", False):
+        return _run_in_the_loop(args, cfg)
     folder = RunFolder.create("train", args.runs_dir, args.name or cfg.task.name)
     print(f"run folder: {folder}", file=sys.stderr)
     from hil import design_rules
@@ -75,6 +109,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"failed seeds (not in the summary): {summary['failed_seeds']}")
     for w in summary["design_rules"]["warnings"]:
         print(f"warning: {w}")
+    if backend:
+        _upload_after_training(cfg, folder, backend, args.device)
     print(json.dumps({"run_folder": str(folder)}))
     print(f"run folder: {folder}")
     return 0
+
+
+def _run_in_the_loop(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from hil.chip_in_loop import print_summary, train_in_the_loop_run
+
+    folder = RunFolder.create("train-in-the-loop", args.runs_dir, args.name or cfg.task.name)
+    print(f"run folder: {folder}", file=sys.stderr)
+    summary = train_in_the_loop_run(cfg, folder, args.backend, args.device, twin=args.twin, init=args.init,
+                                    monitor_every=args.monitor_every, monitor_ratio=args.monitor_ratio,
+                                    progress=not args.no_progress)
+    print_summary(summary, folder)
+    return 0
+
+
+def _upload_after_training(cfg: RunConfig, folder: RunFolder, backend: str, device: list[str]) -> None:
+    """Upload the off-chip result to one chip per seed, evaluate, write the sim-to-real report."""
+    from hil.study import upload_run
+
+    sub = RunFolder(folder.path / "upload")
+    summary = upload_run(folder.path, backend, sub, device)
+    g = summary["gap"]
+    print(f"uploaded to {backend}: device {summary['metric']} median "
+          f"{100 * summary['device']['median']:.2f} %, gap to the model median {100 * g['median']:.2f} "
+          f"points (report in {sub})")

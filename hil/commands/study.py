@@ -1,0 +1,65 @@
+"""``hil study``: studies that compare the model with chips (``hil study mismatch``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from hil.commands.train import add_config_args, resolve_config
+from hil.runs import RunFolder
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("study", help="studies of the model against chips (mismatch sweep)")
+    ssub = p.add_subparsers(dest="study", metavar="STUDY")
+    ssub.required = True
+    m = ssub.add_parser(
+        "mismatch", help="accuracy versus device mismatch: ideal, uploaded, calibrated twin, in the loop",
+        description="Sweep the mismatch of the simulated chips (coefficient of variation of every "
+        "oscillator's gamma and sigma) and report, over the seeds: the ideal model's accuracy, its "
+        "weights uploaded as they are, off-chip fine-tuning on the calibrated twin, and "
+        "chip-in-the-loop fine-tuning with the nominal and the calibrated twin. Table and plot in "
+        "the run folder.")
+    add_config_args(m)
+    m.add_argument("--levels", default="0,0.1,0.2,0.3",
+                   help="mismatch levels, coefficients of variation (default 0,0.1,0.2,0.3)")
+    m.add_argument("--finetune-epochs", type=int, default=5, help="epochs of each fine-tuning")
+    m.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning lr0 (default train.lr0 / 2)")
+    m.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    m.add_argument("--device", action="append", default=[], metavar="KEY=VALUE",
+                   help="other simulated-chip settings, e.g. --device thermal_d_ghz=0.01 (repeatable)")
+    m.set_defaults(func=run_mismatch)
+
+
+def run_mismatch(args: argparse.Namespace) -> int:
+    from hil.backends import parse_device_overrides
+    from hil.errors import ConfigError
+    from hil.study import METHODS, mismatch_study
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = resolve_config(args, default_preset="digits")
+    try:
+        levels = [float(v) for v in args.levels.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError("--levels", f"cannot read {args.levels!r}; use e.g. 0,0.1,0.2,0.3",
+                          "command line") from None
+    if not levels:
+        raise ConfigError("--levels", "at least one level is needed", "command line")
+    methods = METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(","))
+    folder = RunFolder.create("study-mismatch", args.runs_dir, args.name or cfg.task.name)
+    print(f"run folder: {folder}", file=sys.stderr)
+    s = mismatch_study(cfg, levels, folder, finetune_epochs=args.finetune_epochs,
+                       finetune_lr=args.finetune_lr,
+                       methods=methods, device=parse_device_overrides(args.device),
+                       progress=not args.no_progress)
+    print()
+    print(folder.file("mismatch_study.md").read_text())
+    print(f"{s['seconds']:.0f} s")
+    print(json.dumps({"run_folder": str(folder)}))
+    print(f"run folder: {folder}")
+    return 0
