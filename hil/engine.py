@@ -14,20 +14,49 @@ whole network's ODE)::
 weights times the scaled input, trainable and fixed biases, amplification ``S`` and drive
 coefficient ``sigma``), ``Wr`` the block matrix of all intra-layer (diagonal blocks) and
 inter-layer (sub-diagonal blocks) weights, already scaled. ``o`` is the identity, or tanh for
-the CTRNN.
+the CTRNN. With :attr:`Dynamics.layer_size` set, ``Wr`` is read as that layer band only
+(layer ``l`` receives from layers ``l-1`` and ``l``): entries outside it are ignored and get
+zero gradient, which is what the model's connection masks make them anyway.
 
 * :func:`scan_reference` is a straightforward autograd loop over time, sub-steps and layers.
   It is the correctness reference and the benchmark's baseline.
-* :class:`EulerScan` is the fast engine: one batched matrix product per Euler step for all
-  layers and all trials, pre-allocated state buffers, and a hand-written backward pass (the
-  adjoint of the Euler recursion) whose weight gradient is a single product over all steps.
+* :class:`EulerScan` is the fast engine: one call runs the whole time loop forward, one call
+  runs its adjoint (hand-written backward). It has two back ends, chosen per call:
+
+  - **native** (CPU, float32/float64): a small C++ kernel, compiled on first use with the
+    system C++ compiler (``-O3 -march=native``, a few seconds, cached under
+    ``~/.cache/hil``; ``HIL_CACHE_DIR`` moves it, ``HIL_NATIVE=0`` or :func:`set_native`
+    turns it off). Its work unit is a tile of 16 (float32) or 8 (float64) batch rows of one
+    trial, integrated over the whole sequence with its state in L1 cache, every operation one
+    SIMD vector across the rows. Tiles are independent, so trials and batch rows spread over
+    ``torch.get_num_threads()`` threads with no synchronisation inside the time loop. The
+    drive product skips the zero blocks (layer band). The adjoint walks back block by block
+    (16 sub-steps): it recomputes a block's sub-steps from checkpoints (the per-point states
+    the forward returns anyway, and the filtered output at each block start) instead of
+    storing every sub-step, and folds the block into the weight gradient with a
+    register-blocked product. Weight-gradient partials are per tile and summed in a fixed
+    order, so results do not depend on the thread count or on which trials run together.
+  - **torch** (GPU, other dtypes, or no compiler): the same recursion as a few batched tensor
+    operations per step, with pre-allocated buffers and a hand-written backward whose weight
+    gradient is one batched product over all steps.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from sims.neurons import CLIPPED_TYPES, TANH_OUTPUT_TYPES
 
@@ -42,6 +71,7 @@ class Dynamics:
     gamma: torch.Tensor  # (K, 1, M)
     q: torch.Tensor | None  # (K, 1, M) or None when Q = 0 everywhere
     a: torch.Tensor | None  # (K, 1, 1) filter decay per step, None: no filter
+    layer_size: int | None = None  # N: Wr is the layer band (see module docstring); None: dense
 
     @property
     def clipped(self) -> bool:
@@ -72,14 +102,18 @@ def _gain_dx(kind: str, x: torch.Tensor) -> torch.Tensor | None:
     return 2 * x
 
 
-def _damping(dyn: Dynamics, x: torch.Tensor) -> torch.Tensor:
-    if dyn.q is not None and dyn.kind == "spintronic":
-        return dyn.gamma * x * (1 + dyn.q * x)
-    return dyn.gamma * x
-
-
 def _out(dyn: Dynamics, x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x) if dyn.tanh_out else x
+
+
+def band_mask(M: int, layer_size: int | None, device: torch.device | None = None) -> torch.Tensor:
+    """``(M_send, M_recv)`` bool: where ``Wr`` may be non-zero (all of it when ``layer_size``
+    is None)."""
+    if layer_size is None:
+        return torch.ones(M, M, dtype=torch.bool, device=device)
+    layer = torch.arange(M, device=device) // layer_size
+    d = layer.view(1, M) - layer.view(M, 1)  # receiving layer minus sending layer
+    return (d == 0) | (d == 1)
 
 
 def scan_reference(
@@ -129,31 +163,775 @@ def scan_reference(
     return torch.stack(out, dim=2), torch.cat(xs, -1), torch.cat(ys, -1)
 
 
-def integrate(
-    C: torch.Tensor,
-    Wr: torch.Tensor,
-    X0: torch.Tensor,
-    Y0: torch.Tensor,
-    dyn: Dynamics,
-    store: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The fast forward loop. With ``store`` it keeps every step's state, drive and filtered
-    output for the backward pass; without, it keeps only the current state (evaluation).
+# ---------------------------------------------------------------------------- native back end
+_NATIVE_SOURCE = r"""
+// Native Euler scan of hil's multilayer dynamical network (forward and adjoint).
+// Work unit: a tile of R batch rows of one trial, integrated over the whole sequence with its
+// state in L1; tiles are independent, so threads never synchronise inside the time loop.
+// Tile buffers are neuron-major [M][R]: each operation is one SIMD vector over the R rows
+// (GCC/Clang vector extensions, 64 bytes: 16 float or 8 double lanes).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <thread>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
-    Returns ``(Xseq, X_final, Y_final, saved)``.
-    """
+namespace {
+
+enum { SPIN = 0, CTRNN = 1, LINEAR = 2, LIQUID = 3, QUAD = 4 };
+
+template <class T> struct Vec;
+template <> struct Vec<float> { typedef float type __attribute__((vector_size(64))); };
+template <> struct Vec<double> { typedef double type __attribute__((vector_size(64))); };
+template <class T> using V = typename Vec<T>::type;
+template <class T> constexpr int RW = 64 / sizeof(T);  // rows per tile
+
+template <class T> struct Job {
+  int64_t K, B, NT, M, S, nb, tpk, kind, has_q, has_filter, nthreads;
+  int64_t gslots, ncp;  // input points per adjoint block, Y checkpoints per tile
+  T h;
+  const T *C, *W, *WT, *X0, *Y0, *gamma, *q, *a;
+  T *Xseq, *Xf, *Yf, *Ycp;  // Ycp: Y at adjoint block starts, tile layout (K, tpk, ncp, M, R)
+  const T *gXseq, *gXf, *gYf;
+  T *gC, *gWp, *gW, *gX0, *gY0;
+};
+
+// 64-byte aligned scratch memory of one worker thread
+template <class T> struct Scratch {
+  T* p = nullptr;
+  size_t n = 0;
+  T* get(size_t want) {
+    if (want > n) {
+      std::free(p);
+      n = (want + 63) & ~size_t(63);
+      p = static_cast<T*>(std::aligned_alloc(64, n * sizeof(T)));
+      if (!p) throw std::bad_alloc();
+    }
+    return p;
+  }
+  ~Scratch() { std::free(p); }
+};
+
+// In-register transpose of R vectors of R lanes (AVX-512), else through memory.
+#define HIL_INLINE inline __attribute__((always_inline))
+template <class T> HIL_INLINE void transpose(V<T>* r) {
+  constexpr int R = RW<T>;
+  T tmp[R][R];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < R; ++j) tmp[j][i] = r[i][j];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < R; ++j) r[i][j] = tmp[i][j];
+}
+#if defined(__AVX512F__)
+template <> HIL_INLINE void transpose<float>(V<float>* rv) {
+  __m512* r = reinterpret_cast<__m512*>(rv);
+  __m512 t[16], u[16], v[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    u[4 * k + 0] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+    u[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+    u[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+    u[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+  }
+  for (int m = 0; m < 4; ++m) {
+    v[m] = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88);
+    v[4 + m] = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
+    v[8 + m] = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    v[12 + m] = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+  }
+  for (int m = 0; m < 4; ++m) {
+    r[m] = _mm512_shuffle_f32x4(v[m], v[8 + m], 0x88);
+    r[8 + m] = _mm512_shuffle_f32x4(v[m], v[8 + m], 0xDD);
+    r[4 + m] = _mm512_shuffle_f32x4(v[4 + m], v[12 + m], 0x88);
+    r[12 + m] = _mm512_shuffle_f32x4(v[4 + m], v[12 + m], 0xDD);
+  }
+}
+template <> HIL_INLINE void transpose<double>(V<double>* rv) {
+  __m512d* r = reinterpret_cast<__m512d*>(rv);
+  __m512d t[8], v[8];
+  for (int k = 0; k < 4; ++k) {
+    t[2 * k] = _mm512_unpacklo_pd(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_pd(r[2 * k], r[2 * k + 1]);
+  }
+  for (int m = 0; m < 2; ++m) {
+    v[m] = _mm512_shuffle_f64x2(t[m], t[2 + m], 0x88);
+    v[2 + m] = _mm512_shuffle_f64x2(t[m], t[2 + m], 0xDD);
+    v[4 + m] = _mm512_shuffle_f64x2(t[4 + m], t[6 + m], 0x88);
+    v[6 + m] = _mm512_shuffle_f64x2(t[4 + m], t[6 + m], 0xDD);
+  }
+  for (int m = 0; m < 2; ++m) {
+    r[m] = _mm512_shuffle_f64x2(v[m], v[4 + m], 0x88);
+    r[4 + m] = _mm512_shuffle_f64x2(v[m], v[4 + m], 0xDD);
+    r[2 + m] = _mm512_shuffle_f64x2(v[2 + m], v[6 + m], 0x88);
+    r[6 + m] = _mm512_shuffle_f64x2(v[2 + m], v[6 + m], 0xDD);
+  }
+}
+#endif
+
+enum Pad { REPEAT, ZERO };
+// tile [M][R] from rows [0, nr) of a row-major slice (row stride rs); the missing rows repeat
+// the last one (states: padding rows stay finite) or are zero (gradients); ADD accumulates
+template <class T, Pad PAD, bool ADD>
+void load_tile(T* dst, const T* src, int64_t rs, int nr, int64_t M) {
+  constexpr int R = RW<T>;
+  V<T>* d = reinterpret_cast<V<T>*>(dst);
+  int64_t i0 = 0;
+  for (; i0 + R <= M; i0 += R) {
+    V<T> r[R];
+    for (int k = 0; k < R; ++k) {
+      if (PAD == ZERO && k >= nr) {
+        r[k] = V<T>{};
+      } else {
+        std::memcpy(&r[k], src + (int64_t)std::min(k, nr - 1) * rs + i0, sizeof(V<T>));
+      }
+    }
+    transpose<T>(r);
+    for (int k = 0; k < R; ++k) {
+      if (ADD) d[i0 + k] += r[k];
+      else d[i0 + k] = r[k];
+    }
+  }
+  for (int64_t i = i0; i < M; ++i)
+    for (int k = 0; k < R; ++k) {
+      const T x = (PAD == ZERO && k >= nr) ? T(0) : src[(int64_t)std::min(k, nr - 1) * rs + i];
+      if (ADD) dst[i * R + k] += x;
+      else dst[i * R + k] = x;
+    }
+}
+template <class T> void store_tile(T* dst, const T* src, int64_t rs, int nr, int64_t M) {
+  constexpr int R = RW<T>;
+  const V<T>* s = reinterpret_cast<const V<T>*>(src);
+  int64_t i0 = 0;
+  for (; i0 + R <= M; i0 += R) {
+    V<T> r[R];
+    for (int k = 0; k < R; ++k) r[k] = s[i0 + k];
+    transpose<T>(r);
+    for (int k = 0; k < nr; ++k) std::memcpy(dst + k * rs + i0, &r[k], sizeof(V<T>));
+  }
+  for (int64_t i = i0; i < M; ++i)
+    for (int k = 0; k < nr; ++k) dst[k * rs + i] = src[i * R + k];
+}
+
+// out[d0+o] = bs * base[d0+o] + sum_{s in [s0,s1)} A[s*M + d0+o] * src[s]  (vectors over rows)
+template <class T, int NO>
+inline void mv_chunk(const T* __restrict A, int64_t M, const V<T>* __restrict src, int64_t s0,
+                     int64_t s1, const V<T>* base, T bs, V<T>* out, int64_t d0) {
+  V<T> acc[NO];
+  _Pragma("GCC unroll 16") for (int o = 0; o < NO; ++o) acc[o] = base ? bs * base[d0 + o] : V<T>{};
+  for (int64_t s = s0; s < s1; ++s) {
+    const V<T> v = src[s];
+    const T* __restrict w = A + s * M + d0;
+    _Pragma("GCC unroll 16") for (int o = 0; o < NO; ++o) acc[o] += w[o] * v;
+  }
+  _Pragma("GCC unroll 16") for (int o = 0; o < NO; ++o) out[d0 + o] = acc[o];
+}
+
+constexpr int NOB = 8;  // outputs per register block
+
+// drive product restricted to the layer band: receivers of layer l read layers l-1 and l
+// (fwd, A = Wr[send][recv]); the transpose (A = Wr^T[recv][send]) for the adjoint
+template <class T>
+void band_mv(const T* A, int64_t M, int64_t nb, bool fwd, const V<T>* src, const V<T>* base,
+             T bs, V<T>* out) {
+  for (int64_t l = 0; l * nb < M; ++l) {
+    const int64_t d_hi = std::min(M, (l + 1) * nb);
+    const int64_t s0 = fwd ? std::max<int64_t>(0, (l - 1) * nb) : l * nb;
+    const int64_t s1 = std::min(M, fwd ? (l + 1) * nb : (l + 2) * nb);
+    int64_t d = l * nb;
+    for (; d + NOB <= d_hi; d += NOB) mv_chunk<T, NOB>(A, M, src, s0, s1, base, bs, out, d);
+    switch (d_hi - d) {
+      case 1: mv_chunk<T, 1>(A, M, src, s0, s1, base, bs, out, d); break;
+      case 2: mv_chunk<T, 2>(A, M, src, s0, s1, base, bs, out, d); break;
+      case 3: mv_chunk<T, 3>(A, M, src, s0, s1, base, bs, out, d); break;
+      case 4: mv_chunk<T, 4>(A, M, src, s0, s1, base, bs, out, d); break;
+      case 5: mv_chunk<T, 5>(A, M, src, s0, s1, base, bs, out, d); break;
+      case 6: mv_chunk<T, 6>(A, M, src, s0, s1, base, bs, out, d); break;
+      case 7: mv_chunk<T, 7>(A, M, src, s0, s1, base, bs, out, d); break;
+      default: break;
+    }
+  }
+}
+
+// Weight gradient of the stashed steps: gW[j][i] += sum_k Y_k[j] gD_k[i], k = (step c, row r).
+// Y is stashed in tile layout [c][M][R], gD transposed to rows [c*R + r][M], so that a register
+// block of NJ senders x NV vectors of receivers accumulates straight into gW's rows.
+template <class T, int NJ, int NV>
+void gw_micro(const T* __restrict Yb, const T* __restrict Gt, int64_t M, int64_t Lc, int64_t j0,
+              int64_t i0, T* __restrict gW) {
+  constexpr int R = RW<T>;
+  V<T> acc[NJ][NV];
+  _Pragma("GCC unroll 16") for (int a = 0; a < NJ; ++a)
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)
+      std::memcpy(&acc[a][v], gW + (j0 + a) * M + i0 + v * R, sizeof(V<T>));
+  for (int64_t c = 0; c < Lc; ++c) {
+    const T* yc = Yb + (c * M + j0) * R;
+    for (int r = 0; r < R; ++r) {
+      const T* g = Gt + (c * R + r) * M + i0;
+      V<T> gv[NV];
+      _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) std::memcpy(&gv[v], g + v * R, sizeof(V<T>));
+      _Pragma("GCC unroll 16") for (int a = 0; a < NJ; ++a) {
+        const T y = yc[a * R + r];
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v) acc[a][v] += y * gv[v];
+      }
+    }
+  }
+  _Pragma("GCC unroll 16") for (int a = 0; a < NJ; ++a)
+    _Pragma("GCC unroll 4") for (int v = 0; v < NV; ++v)
+      std::memcpy(gW + (j0 + a) * M + i0 + v * R, &acc[a][v], sizeof(V<T>));
+}
+
+constexpr int NJB = 12;  // senders per register block
+
+template <class T, int NV>
+void gw_cols(const T* Yb, const T* Gt, int64_t M, int64_t Lc, int64_t s0, int64_t s1, int64_t i0,
+             T* gW) {
+  int64_t j = s0;
+  for (; j + NJB <= s1; j += NJB) gw_micro<T, NJB, NV>(Yb, Gt, M, Lc, j, i0, gW);
+  switch (s1 - j) {
+    case 1: gw_micro<T, 1, NV>(Yb, Gt, M, Lc, j, i0, gW); break;
+    case 2: gw_micro<T, 2, NV>(Yb, Gt, M, Lc, j, i0, gW); break;
+    case 3: gw_micro<T, 3, NV>(Yb, Gt, M, Lc, j, i0, gW); break;
+    case 4: gw_micro<T, 4, NV>(Yb, Gt, M, Lc, j, i0, gW); break;
+    case 5: gw_micro<T, 5, NV>(Yb, Gt, M, Lc, j, i0, gW); break;
+    case 6: gw_micro<T, 6, NV>(Yb, Gt, M, Lc, j, i0, gW); break;
+    case 7: gw_micro<T, 7, NV>(Yb, Gt, M, Lc, j, i0, gW); break;
+    case 8: gw_micro<T, 8, NV>(Yb, Gt, M, Lc, j, i0, gW); break;
+    case 9: gw_micro<T, 9, NV>(Yb, Gt, M, Lc, j, i0, gW); break;
+    case 10: gw_micro<T, 10, NV>(Yb, Gt, M, Lc, j, i0, gW); break;
+    case 11: gw_micro<T, 11, NV>(Yb, Gt, M, Lc, j, i0, gW); break;
+    default: break;
+  }
+}
+
+// the whole layer band of gW from Lc stashed steps
+template <class T>
+void gw_flush(const T* Yb, const T* Gt, int64_t Lc, T* gW, int64_t M, int64_t nb) {
+  constexpr int R = RW<T>;
+  for (int64_t l = 0; l * nb < M; ++l) {
+    const int64_t i1 = std::min(M, (l + 1) * nb);
+    const int64_t s0 = std::max<int64_t>(0, (l - 1) * nb), s1 = std::min(M, (l + 1) * nb);
+    int64_t i = l * nb;
+    for (; i + 2 * R <= i1; i += 2 * R) gw_cols<T, 2>(Yb, Gt, M, Lc, s0, s1, i, gW);
+    for (; i + R <= i1; i += R) gw_cols<T, 1>(Yb, Gt, M, Lc, s0, s1, i, gW);
+    for (; i < i1; ++i)  // receivers left over from the vectors
+      for (int64_t j = s0; j < s1; ++j) {
+        T acc = 0;
+        for (int64_t c = 0; c < Lc; ++c)
+          for (int r = 0; r < R; ++r) acc += Yb[(c * M + j) * R + r] * Gt[(c * R + r) * M + i];
+        gW[j * M + i] += acc;
+      }
+  }
+}
+
+// gD (tile [M][R]) -> rows [r][M] of the stash; padding rows are zero
+template <class T> void stash_rows(T* dst, const T* src, int nr, int64_t M) {
+  constexpr int R = RW<T>;
+  const V<T>* s = reinterpret_cast<const V<T>*>(src);
+  int64_t i0 = 0;
+  for (; i0 + R <= M; i0 += R) {
+    V<T> r[R];
+    for (int k = 0; k < R; ++k) r[k] = s[i0 + k];
+    transpose<T>(r);
+    for (int k = 0; k < R; ++k) {
+      if (k >= nr) r[k] = V<T>{};
+      std::memcpy(dst + k * M + i0, &r[k], sizeof(V<T>));
+    }
+  }
+  for (int64_t i = i0; i < M; ++i)
+    for (int k = 0; k < R; ++k) dst[k * M + i] = k < nr ? src[i * R + k] : T(0);
+}
+
+template <class T> inline V<T> vtanh(V<T> x) {
+  for (int r = 0; r < RW<T>; ++r) x[r] = std::tanh(x[r]);
+  return x;
+}
+
+template <int KIND, class T> inline V<T> gain(V<T> x) {
+  if constexpr (KIND == SPIN) return x * (1 - x);
+  else if constexpr (KIND == CTRNN || KIND == LINEAR) return x * 0 + 1;
+  else if constexpr (KIND == LIQUID) return x;
+  else return x * x;
+}
+
+// one Euler step given the drive D: (X, Y) -> (Xo, Yo); the outputs may alias the inputs
+template <int KIND, bool FILT, class T>
+void elem_fwd(const V<T>* X, const V<T>* Y, const V<T>* __restrict D, V<T>* Xo, V<T>* Yo,
+              const T* gam, const T* q, T a, T h, int64_t M) {
+  constexpr bool CLIP = KIND == LINEAR || KIND == LIQUID || KIND == QUAD;
+  const V<T> zero = {}, one = zero + 1;
+  for (int64_t i = 0; i < M; ++i) {
+    const T g = gam[i];
+    const V<T> x = X[i];
+    V<T> damp;
+    if (KIND == SPIN && q) damp = g * x * (1 + q[i] * x);
+    else damp = g * x;
+    V<T> f;
+    if constexpr (KIND == CTRNN || KIND == LINEAR) f = -damp + D[i];
+    else f = -damp + D[i] * gain<KIND, T>(x);
+    V<T> xn = x + h * f;
+    if constexpr (CLIP) {
+      xn = xn < zero ? zero : xn;
+      xn = xn > one ? one : xn;
+    }
+    if constexpr (KIND == CTRNN) {
+      if constexpr (FILT) Yo[i] = a * Y[i] + vtanh<T>(xn) - vtanh<T>(x);
+      else Yo[i] = vtanh<T>(xn);
+    } else {
+      if constexpr (FILT) Yo[i] = a * Y[i] + xn - x;
+      else Yo[i] = xn;
+    }
+    Xo[i] = xn;
+  }
+}
+
+// adjoint of one Euler step: gX holds dL/dX_{s+1} (direct part) and becomes dL/dX_s;
+// gY = dL/dY_{s+1}; gD = dL/dD_s is written
+template <int KIND, bool FILT, class T>
+void elem_bwd(const V<T>* __restrict X, const V<T>* __restrict Xn, const V<T>* __restrict D,
+              V<T>* __restrict gX, const V<T>* __restrict gY, V<T>* __restrict gD, const T* gam,
+              const T* q, T h, int64_t M) {
+  constexpr bool CLIP = KIND == LINEAR || KIND == LIQUID || KIND == QUAD;
+  const V<T> zero = {}, one = zero + 1;
+  for (int64_t i = 0; i < M; ++i) {
+    const T g = gam[i];
+    const V<T> x = X[i], xn = Xn[i], gy = gY[i];
+    V<T> gxn;
+    if constexpr (KIND == CTRNN) {
+      const V<T> th = vtanh<T>(xn);
+      gxn = gX[i] + (1 - th * th) * gy;
+    } else {
+      gxn = gX[i] + gy;
+    }
+    if constexpr (CLIP) gxn = gxn * ((xn > zero) & (xn < one) ? one : zero);
+    const V<T> gf = gxn * h;
+    if constexpr (KIND == CTRNN || KIND == LINEAR) gD[i] = gf;
+    else gD[i] = gf * gain<KIND, T>(x);
+    V<T> dfdx;
+    if (KIND == SPIN && q) dfdx = (1 + 2 * q[i] * x) * (-g);
+    else dfdx = zero - g;
+    if constexpr (KIND == SPIN) dfdx = dfdx + D[i] * (1 - 2 * x);
+    else if constexpr (KIND == LIQUID) dfdx = dfdx + D[i];
+    else if constexpr (KIND == QUAD) dfdx = dfdx + D[i] * (2 * x);
+    V<T> gxs = gxn + gf * dfdx;
+    if constexpr (FILT) {
+      if constexpr (KIND == CTRNN) {
+        const V<T> th = vtanh<T>(x);
+        gxs -= (1 - th * th) * gy;
+      } else {
+        gxs -= gy;
+      }
+    }
+    gX[i] = gxs;
+  }
+}
+
+template <class T> struct Ctx {
+  const Job<T>* j;
+  int64_t k, b0, nr;
+  const T *W, *WT, *gam, *q;
+  T a;
+  void set(const Job<T>& jb, int64_t tile) {
+    j = &jb;
+    k = tile / jb.tpk;
+    b0 = (tile % jb.tpk) * RW<T>;
+    nr = std::min<int64_t>(RW<T>, jb.B - b0);
+    W = jb.W + k * jb.M * jb.M;
+    WT = jb.WT ? jb.WT + k * jb.M * jb.M : nullptr;
+    gam = jb.gamma + k * jb.M;
+    q = jb.has_q ? jb.q + k * jb.M : nullptr;
+    a = jb.has_filter ? jb.a[k] : T(0);
+  }
+  int64_t row(int64_t t) const { return ((k * j->B + b0) * j->NT + t) * j->M; }  // (K,B,T,M)
+  int64_t srow() const { return (k * j->B + b0) * j->M; }                         // (K,B,M)
+};
+
+template <class T> void step_fwd(const Ctx<T>& c, const V<T>* X, const V<T>* Y, const V<T>* Ct,
+                                 V<T>* D, V<T>* Xo, V<T>* Yo) {
+  const Job<T>& jb = *c.j;
+  band_mv<T>(c.W, jb.M, jb.nb, true, Y, Ct, T(1), D);
+  const int64_t M = jb.M;
+#define HIL_FWD(KD)                                                                     \
+  if (jb.has_filter) elem_fwd<KD, true, T>(X, Y, D, Xo, Yo, c.gam, c.q, c.a, jb.h, M); \
+  else elem_fwd<KD, false, T>(X, Y, D, Xo, Yo, c.gam, c.q, c.a, jb.h, M);
+  switch (jb.kind) {
+    case SPIN: HIL_FWD(SPIN) break;
+    case CTRNN: HIL_FWD(CTRNN) break;
+    case LINEAR: HIL_FWD(LINEAR) break;
+    case LIQUID: HIL_FWD(LIQUID) break;
+    default: HIL_FWD(QUAD) break;
+  }
+#undef HIL_FWD
+}
+
+template <class T> void step_bwd(const Ctx<T>& c, const V<T>* X, const V<T>* Xn, const V<T>* D,
+                                 V<T>* gX, const V<T>* gY, V<T>* gD) {
+  const Job<T>& jb = *c.j;
+  const int64_t M = jb.M;
+#define HIL_BWD(KD)                                                                   \
+  if (jb.has_filter) elem_bwd<KD, true, T>(X, Xn, D, gX, gY, gD, c.gam, c.q, jb.h, M); \
+  else elem_bwd<KD, false, T>(X, Xn, D, gX, gY, gD, c.gam, c.q, jb.h, M);
+  switch (jb.kind) {
+    case SPIN: HIL_BWD(SPIN) break;
+    case CTRNN: HIL_BWD(CTRNN) break;
+    case LINEAR: HIL_BWD(LINEAR) break;
+    case LIQUID: HIL_BWD(LIQUID) break;
+    default: HIL_BWD(QUAD) break;
+  }
+#undef HIL_BWD
+}
+
+template <class T> void fwd_tile(const Job<T>& jb, int64_t tile, Scratch<T>& sc) {
+  constexpr int R = RW<T>;
+  const int64_t M = jb.M, TM = jb.NT * M, MR = M * R;
+  T* p = sc.get(4 * MR);
+  T *X = p, *Y = p + MR, *D = p + 2 * MR, *Ct = p + 3 * MR;
+  auto v = [](T* x) { return reinterpret_cast<V<T>*>(x); };
+  Ctx<T> c;
+  c.set(jb, tile);
+  load_tile<T, REPEAT, false>(X, jb.X0 + c.srow(), M, c.nr, M);
+  load_tile<T, REPEAT, false>(Y, jb.Y0 + c.srow(), M, c.nr, M);
+  for (int64_t t = 0; t < jb.NT; ++t) {
+    load_tile<T, REPEAT, false>(Ct, jb.C + c.row(t), TM, c.nr, M);
+    for (int64_t s = 0; s < jb.S; ++s) step_fwd<T>(c, v(X), v(Y), v(Ct), v(D), v(X), v(Y));
+    store_tile(jb.Xseq + c.row(t), X, TM, c.nr, M);
+    // checkpoint of Y where an adjoint block starts (X's is Xseq itself)
+    if (jb.Ycp && (t + 1) % jb.gslots == 0 && t + 1 < jb.NT)
+      std::memcpy(jb.Ycp + (tile * jb.ncp + (t + 1) / jb.gslots - 1) * MR, Y, MR * sizeof(T));
+  }
+  store_tile(jb.Xf + c.srow(), X, M, c.nr, M);
+  store_tile(jb.Yf + c.srow(), Y, M, c.nr, M);
+}
+
+// Adjoint of one tile, block by block backwards in time. A block is G input points (G*S
+// sub-steps, the weight-gradient stash): its sub-steps are recomputed from the checkpoint at
+// its start (X from Xseq, Y from Ycp), then walked backwards, then folded into gW.
+template <class T> void bwd_tile(const Job<T>& jb, int64_t tile, Scratch<T>& sc) {
+  constexpr int R = RW<T>;  // rows per tile
+  const int64_t M = jb.M, S = jb.S, TM = jb.NT * M, MR = M * R;
+  const int64_t G = jb.gslots, GS = G * S;
+  // scratch: gX gY gYn gCt gD | C of the block's points (G) | X_0..X_GS | D_0..D_{GS-1} |
+  // Y stash [GS][M][R] | gD stash [GS*R][M]
+  T* p = sc.get((5 + G + 1) * MR + 4 * GS * MR);
+  auto v = [](T* x) { return reinterpret_cast<V<T>*>(x); };
+  auto cv = [](const T* x) { return reinterpret_cast<const V<T>*>(x); };
+  V<T> *gX = v(p), *gY = v(p + MR), *gYn = v(p + 2 * MR), *gCt = v(p + 3 * MR), *gD = v(p + 4 * MR);
+  T* Cb = p + 5 * MR;
+  T* Xst = Cb + G * MR;
+  T* Dst = Xst + (GS + 1) * MR;
+  T* Yb = Dst + GS * MR;
+  T* Gb = Yb + GS * MR;
+  Ctx<T> c;
+  c.set(jb, tile);
+  T* gWt = jb.gWp + tile * M * M;
+  std::fill(gWt, gWt + M * M, T(0));
+  std::fill(p, p + 2 * MR, T(0));
+  if (jb.gXf) load_tile<T, ZERO, false>(reinterpret_cast<T*>(gX), jb.gXf + c.srow(), M, c.nr, M);
+  if (jb.gYf) load_tile<T, ZERO, false>(reinterpret_cast<T*>(gY), jb.gYf + c.srow(), M, c.nr, M);
+  for (int64_t t0 = ((jb.NT - 1) / G) * G; t0 >= 0; t0 -= G) {
+    const int64_t np = std::min(G, jb.NT - t0), ns = np * S;
+    if (t0) {
+      load_tile<T, REPEAT, false>(Xst, jb.Xseq + c.row(t0 - 1), TM, c.nr, M);
+      std::memcpy(Yb, jb.Ycp + (tile * jb.ncp + t0 / G - 1) * MR, MR * sizeof(T));
+    } else {
+      load_tile<T, REPEAT, false>(Xst, jb.X0 + c.srow(), M, c.nr, M);
+      load_tile<T, REPEAT, false>(Yb, jb.Y0 + c.srow(), M, c.nr, M);
+    }
+    for (int64_t q = 0; q < np; ++q) {
+      T* Ct = Cb + q * MR;
+      load_tile<T, REPEAT, false>(Ct, jb.C + c.row(t0 + q), TM, c.nr, M);
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t k = q * S + s;
+        T* ynext = k + 1 < ns ? Yb + (k + 1) * MR : reinterpret_cast<T*>(gYn);  // last: unused
+        step_fwd<T>(c, cv(Xst + k * MR), cv(Yb + k * MR), cv(Ct), v(Dst + k * MR),
+                    v(Xst + (k + 1) * MR), v(ynext));
+      }
+    }
+    for (int64_t q = np - 1; q >= 0; --q) {
+      if (jb.gXseq)
+        load_tile<T, ZERO, true>(reinterpret_cast<T*>(gX), jb.gXseq + c.row(t0 + q), TM, c.nr, M);
+      for (int64_t s = S - 1; s >= 0; --s) {
+        const int64_t k = q * S + s;
+        step_bwd<T>(c, cv(Xst + k * MR), v(Xst + (k + 1) * MR), v(Dst + k * MR), gX, gY, gD);
+        stash_rows(Gb + k * MR, reinterpret_cast<const T*>(gD), c.nr, M);
+        if (s == S - 1)
+          for (int64_t i = 0; i < M; ++i) gCt[i] = gD[i];
+        else
+          for (int64_t i = 0; i < M; ++i) gCt[i] += gD[i];
+        band_mv<T>(c.WT, M, jb.nb, false, gD, jb.has_filter ? gY : nullptr, c.a, gYn);
+        std::swap(gY, gYn);
+      }
+      store_tile(jb.gC + c.row(t0 + q), reinterpret_cast<T*>(gCt), TM, c.nr, M);
+    }
+    gw_flush<T>(Yb, Gb, ns, gWt, M, jb.nb);
+  }
+  store_tile(jb.gX0 + c.srow(), reinterpret_cast<T*>(gX), M, c.nr, M);
+  store_tile(jb.gY0 + c.srow(), reinterpret_cast<T*>(gY), M, c.nr, M);
+}
+
+template <class T> int run(const Job<T>& jb, bool backward) {
+  const int64_t ntiles = jb.K * jb.tpk;
+  std::atomic<int64_t> next{0};
+  std::atomic<int> failed{0};
+  auto worker = [&]() {
+    try {
+      Scratch<T> sc;
+      for (int64_t tile; (tile = next.fetch_add(1)) < ntiles;) {
+        if (backward) bwd_tile(jb, tile, sc);
+        else fwd_tile(jb, tile, sc);
+      }
+    } catch (...) {
+      failed = 1;
+    }
+  };
+  const int64_t nt = std::max<int64_t>(1, std::min(jb.nthreads, ntiles));
+  std::vector<std::thread> pool;
+  try {
+    for (int64_t i = 1; i < nt; ++i) pool.emplace_back(worker);
+  } catch (...) {  // fewer threads than asked: the ones running share all the tiles
+  }
+  worker();
+  for (auto& th : pool) th.join();
+  if (failed) return 1;
+  if (backward) {  // weight gradient: tile partials summed in a fixed order (deterministic)
+    const int64_t MM = jb.M * jb.M;
+    for (int64_t k = 0; k < jb.K; ++k) {
+      T* out = jb.gW + k * MM;
+      std::fill(out, out + MM, T(0));
+      for (int64_t tb = 0; tb < jb.tpk; ++tb) {
+        const T* part = jb.gWp + (k * jb.tpk + tb) * MM;
+        for (int64_t e = 0; e < MM; ++e) out[e] += part[e];
+      }
+    }
+  }
+  return 0;
+}
+
+template <class T> int entry(int backward, const int64_t* ia, const double* da, void* const* pa) {
+  Job<T> jb;
+  jb.K = ia[0]; jb.B = ia[1]; jb.NT = ia[2]; jb.M = ia[3]; jb.S = ia[4]; jb.nb = ia[5];
+  jb.kind = ia[6]; jb.has_q = ia[7]; jb.has_filter = ia[8]; jb.nthreads = ia[9];
+  jb.tpk = (jb.B + RW<T> - 1) / RW<T>;
+  jb.gslots = ia[10];
+  jb.ncp = ia[11];
+  jb.h = (T)da[0];
+  jb.C = (const T*)pa[0]; jb.W = (const T*)pa[1]; jb.WT = (const T*)pa[2];
+  jb.X0 = (const T*)pa[3]; jb.Y0 = (const T*)pa[4]; jb.gamma = (const T*)pa[5];
+  jb.q = (const T*)pa[6]; jb.a = (const T*)pa[7];
+  jb.Xseq = (T*)pa[8]; jb.Xf = (T*)pa[9]; jb.Yf = (T*)pa[10]; jb.Ycp = (T*)pa[11];
+  jb.gXseq = (const T*)pa[12]; jb.gXf = (const T*)pa[13]; jb.gYf = (const T*)pa[14];
+  jb.gC = (T*)pa[15]; jb.gWp = (T*)pa[16]; jb.gW = (T*)pa[17]; jb.gX0 = (T*)pa[18];
+  jb.gY0 = (T*)pa[19];
+  return run(jb, backward != 0);
+}
+
+}  // namespace
+
+extern "C" {
+// dtype: 0 float32, 1 float64; ia, da, pa: sizes and flags, step, data pointers (see entry()).
+// Returns 0 on success.
+int hil_scan(int dtype, int backward, const int64_t* ia, const double* da, void* const* pa) {
+  return dtype == 0 ? entry<float>(backward, ia, da, pa) : entry<double>(backward, ia, da, pa);
+}
+int hil_rows_per_tile(int dtype) { return dtype == 0 ? RW<float> : RW<double>; }
+}
+"""
+
+_KIND_CODE = {"spintronic": 0, "ctrnn": 1, "linear": 2, "liquid": 3, "quadratic": 4}
+_STASH_STEPS = 16  # sub-steps gathered per weight-gradient product (fits the L1 cache)
+_native_lock = threading.Lock()
+_native_lib: list[ctypes.CDLL | None] = []  # empty: not tried yet
+_native_allowed = [os.environ.get("HIL_NATIVE", "1") != "0"]
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("HIL_CACHE_DIR"):
+        return Path(os.environ["HIL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hil"
+
+
+def _cpu_signature() -> str:
+    """Identifies the instruction set, so that a ``-march=native`` build is never reused on a
+    different CPU (a shared home directory, a container image)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return platform.machine() + line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def _build_native() -> ctypes.CDLL:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+    key = hashlib.sha256("\0".join([_NATIVE_SOURCE, cxx, *flags, _cpu_signature()]).encode())
+    out_dir = _cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib_path = out_dir / f"engine-{key.hexdigest()[:20]}.so"
+    if not lib_path.exists():
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            src = Path(tmp) / "engine.cpp"
+            src.write_text(_NATIVE_SOURCE)
+            tmp_lib = Path(tmp) / "engine.so"
+            err = ""
+            for arch in (["-march=native"], []):  # some compilers or CPUs lack -march=native
+                res = subprocess.run([cxx, *flags, *arch, str(src), "-o", str(tmp_lib)],
+                                     capture_output=True, text=True)
+                if res.returncode == 0:
+                    break
+                err = res.stderr[-2000:]
+            else:
+                raise RuntimeError(f"compiling the native engine failed: {err}")
+            os.replace(tmp_lib, lib_path)  # atomic: concurrent builds are harmless
+    lib = ctypes.CDLL(str(lib_path))  # ctypes releases the GIL during the calls
+    lib.hil_scan.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_void_p]
+    lib.hil_scan.restype = ctypes.c_int
+    lib.hil_rows_per_tile.argtypes = [ctypes.c_int]
+    lib.hil_rows_per_tile.restype = ctypes.c_int
+    return lib
+
+
+def native_library() -> ctypes.CDLL | None:
+    """The compiled kernel (built on first use), or None when it cannot be built; the torch
+    back end then runs, after one warning saying why."""
+    if not _native_lib:
+        with _native_lock:
+            if not _native_lib:
+                lib = None
+                try:
+                    lib = _build_native()
+                except Exception as e:  # noqa: BLE001 - any failure means: fall back
+                    warnings.warn(f"hil: native engine unavailable, using the torch engine ({e})",
+                                  RuntimeWarning, stacklevel=3)
+                _native_lib.append(lib)
+    return _native_lib[0]
+
+
+def set_native(enabled: bool) -> bool:
+    """Allow (default) or forbid the native back end in this process; returns the previous
+    setting. Forbidding it runs the torch back end everywhere (benchmarks, debugging)."""
+    previous = _native_allowed[0]
+    _native_allowed[0] = bool(enabled)
+    return previous
+
+
+def _native_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
+    """The native kernel if it can run on these tensors (CPU, one float dtype), else None."""
+    if not _native_allowed[0]:
+        return None
+    t0 = tensors[0]
+    if t0.device.type != "cpu" or t0.dtype not in (torch.float32, torch.float64):
+        return None
+    if any(t.dtype != t0.dtype or t.device != t0.device for t in tensors[1:]):
+        return None
+    return native_library()
+
+
+_P = 20  # pointer slots of hil_scan (see entry() in the kernel)
+
+
+class _NativeCall:
+    """One kernel configuration: sizes, flags and the per-trial coefficients, as the kernel
+    wants them (contiguous, in the state's dtype)."""
+
+    def __init__(self, lib: ctypes.CDLL, shape: torch.Size, dtype: torch.dtype, dyn: Dynamics) -> None:
+        K, B, T, M = shape
+        self.lib = lib
+        self.code = 0 if dtype == torch.float32 else 1
+        self.R = lib.hil_rows_per_tile(self.code)  # batch rows per tile
+        self.tiles = (B + self.R - 1) // self.R  # tiles per trial
+        self.shape = (K, B, T, M)
+        self.gamma = dyn.gamma.to(dtype).expand(K, 1, M).reshape(K, M).contiguous()
+        self.q = None if dyn.q is None else dyn.q.to(dtype).expand(K, 1, M).reshape(K, M).contiguous()
+        self.a = None if dyn.a is None else dyn.a.to(dtype).expand(K, 1, 1).reshape(K).contiguous()
+        block = max(1, _STASH_STEPS // dyn.substeps)  # input points per adjoint block
+        self.checkpoints = max(1, (T - 1) // block)  # Y at the block starts after the first
+        ints = [K, B, T, M, dyn.substeps, dyn.layer_size or M, _KIND_CODE[dyn.kind],
+                self.q is not None, self.a is not None, torch.get_num_threads(), block,
+                self.checkpoints]
+        self.ints = (ctypes.c_int64 * len(ints))(*ints)
+        self.reals = (ctypes.c_double * 1)(dyn.h)
+
+    def inputs(self, C: torch.Tensor, Wr: torch.Tensor, X0: torch.Tensor, Y0: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        K, B, T, M = self.shape
+        return (C.contiguous(), Wr.expand(K, M, M).contiguous(), X0.expand(K, B, M).contiguous(),
+                Y0.expand(K, B, M).contiguous())
+
+    def run(self, backward: bool, slots: dict[int, torch.Tensor | None]) -> None:
+        ptrs = (ctypes.c_void_p * _P)()
+        for i, t in ((5, self.gamma), (6, self.q), (7, self.a), *slots.items()):
+            if t is not None:
+                assert t.is_contiguous() and t.dtype == self.gamma.dtype
+                ptrs[i] = t.data_ptr()
+        rc = self.lib.hil_scan(self.code, int(backward), self.ints, self.reals, ptrs)
+        if rc != 0:
+            raise RuntimeError(f"native Euler scan failed (code {rc}): out of memory or threads")
+
+    def forward(self, C: torch.Tensor, Wr: torch.Tensor, X0: torch.Tensor, Y0: torch.Tensor,
+                store: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(Xseq, X_final, Y_final, Ycp)``; ``Ycp``, the filtered output where the adjoint's
+        blocks start (kernel tile layout), is the checkpoint it needs besides ``Xseq``."""
+        K, B, T, M = self.shape
+        Xseq = C.new_empty((K, B, T, M))
+        Xf, Yf = C.new_empty((K, B, M)), C.new_empty((K, B, M))
+        Ycp = C.new_empty((K, self.tiles, self.checkpoints, M, self.R)) if store else None
+        self.run(False, {0: C, 1: Wr, 3: X0, 4: Y0, 8: Xseq, 9: Xf, 10: Yf, 11: Ycp})
+        return Xseq, Xf, Yf, Ycp
+
+    def backward(self, C: torch.Tensor, Wr: torch.Tensor, X0: torch.Tensor, Y0: torch.Tensor,
+                 Xseq: torch.Tensor, Ycp: torch.Tensor, gXseq: torch.Tensor | None,
+                 gXf: torch.Tensor | None, gYf: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients of ``(C, Wr, X0, Y0)``; a None output gradient counts as zero."""
+        K, B, T, M = self.shape
+        gC = C.new_empty((K, B, T, M))
+        gW_parts = C.new_empty((K * self.tiles, M, M))  # per tile, summed by the kernel
+        gW = C.new_empty((K, M, M))
+        gX0, gY0 = C.new_empty((K, B, M)), C.new_empty((K, B, M))
+
+        def dense(g: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+            return None if g is None else g.to(C.dtype).expand(shape).contiguous()
+
+        self.run(True, {0: C, 1: Wr, 2: Wr.transpose(1, 2).contiguous(), 3: X0, 4: Y0, 8: Xseq,
+                        11: Ycp, 12: dense(gXseq, (K, B, T, M)), 13: dense(gXf, (K, B, M)),
+                        14: dense(gYf, (K, B, M)), 15: gC, 16: gW_parts, 17: gW, 18: gX0, 19: gY0})
+        return gC, gW, gX0, gY0
+
+
+# ---------------------------------------------------------------------------- torch back end
+def _torch_forward(
+    C: torch.Tensor, Wr: torch.Tensor, X0: torch.Tensor, Y0: torch.Tensor, dyn: Dynamics, store: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Batched tensor operations per step (any device and dtype). With ``store`` it keeps every
+    step's state, drive and filtered output for :func:`_torch_backward`."""
     K, B, T, M = C.shape
     n = T * dyn.substeps
     if store:
         Xs = C.new_empty((n + 1, K, B, M))
         Ds = C.new_empty((n, K, B, M))
-        Ys = C.new_empty((n, K, B, M))
+        Ys = C.new_empty((K, n, B, M))  # trial-major: the weight gradient is then one bmm
     else:
         Xs = C.new_empty((2, K, B, M))
         Ds = C.new_empty((1, K, B, M))
-        Xseq_buf = C.new_empty((T, K, B, M))
+    Xseq = C.new_empty((K, B, T, M))
     Xs[0].copy_(X0)
-    Y = Y0.clone()
+    Y = Y0.expand(K, B, M).clone()
     h = dyn.h
     neg_gamma = -dyn.gamma
     s = 0
@@ -163,7 +941,7 @@ def integrate(
             i, j = (s, s + 1) if store else (s % 2, (s + 1) % 2)
             X = Xs[i]
             if store:
-                Ys[s].copy_(Y)
+                Ys[:, s].copy_(Y)
             D = torch.baddbmm(Ct, Y, Wr, out=Ds[s] if store else Ds[0])
             if dyn.q is not None and dyn.kind == "spintronic":
                 F = X * (1 + dyn.q * X) * neg_gamma
@@ -183,12 +961,90 @@ def integrate(
             else:
                 Y = torch.tanh(Xn) if dyn.tanh_out else Xn.clone()
             s += 1
-        if not store:
-            Xseq_buf[t].copy_(Xs[s % 2])
-    if store:
-        Xseq = Xs[dyn.substeps :: dyn.substeps].permute(1, 2, 0, 3).contiguous()
-        return Xseq, Xs[n].clone(), Y, (Xs, Ds, Ys)
-    return Xseq_buf.permute(1, 2, 0, 3).contiguous(), Xs[n % 2].clone(), Y, ()
+        Xseq[:, :, t].copy_(Xs[s if store else s % 2])
+    Xf = Xs[n if store else n % 2].clone()
+    return Xseq, Xf, Y, ((Xs, Ds, Ys) if store else ())
+
+
+def _torch_backward(
+    dyn: Dynamics, shape: tuple[int, int, int, int], Wr: torch.Tensor, Xs: torch.Tensor,
+    Ds: torch.Tensor, Ys: torch.Tensor, gXseq: torch.Tensor | None, gXfin: torch.Tensor | None,
+    gYfin: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adjoint of the Euler recursion, step by step backwards."""
+    K, B, T, M = shape
+    n = T * dyn.substeps
+    h = dyn.h
+    WrT = Wr.transpose(1, 2)
+    gX = gXfin.expand(K, B, M).clone() if gXfin is not None else Xs.new_zeros((K, B, M))
+    gY = gYfin.expand(K, B, M).clone() if gYfin is not None else Xs.new_zeros((K, B, M))
+    gDs = Xs.new_empty((K, n, B, M))
+    neg_gamma = -dyn.gamma
+    for s in range(n - 1, -1, -1):
+        if gXseq is not None and (s + 1) % dyn.substeps == 0:
+            gX.add_(gXseq[:, :, (s + 1) // dyn.substeps - 1])
+        X, D = Xs[s], Ds[s]
+        Xn = Xs[s + 1]
+        # dL/dX_{s+1} in full: direct, plus through Y_{s+1} = ... + o(X_{s+1})
+        if dyn.tanh_out:
+            gXn = gX.addcmul(1 - torch.tanh(Xn) ** 2, gY)
+        else:
+            gXn = gX + gY
+        if dyn.clipped:
+            gXn = gXn * ((Xn > 0) & (Xn < 1))
+        gF = gXn * h
+        gD = torch.mul(gF, _gain(dyn.kind, X), out=gDs[:, s])
+        # dF/dX = -gamma (1 + 2 Q X) + D g'(X)
+        if dyn.q is not None and dyn.kind == "spintronic":
+            dFdX = (1 + 2 * dyn.q * X) * neg_gamma
+        else:
+            dFdX = neg_gamma.expand_as(X)
+        gdx = _gain_dx(dyn.kind, X)
+        if gdx is not None:
+            dFdX = dFdX + D * gdx
+        gX = gXn.addcmul_(gF, dFdX)
+        if dyn.a is not None:
+            if dyn.tanh_out:
+                gX.addcmul_(1 - torch.tanh(X) ** 2, gY, value=-1.0)
+            else:
+                gX.sub_(gY)
+            gY = torch.baddbmm(gY * dyn.a, gD, WrT)
+        else:
+            gY = torch.bmm(gD, WrT)
+    # weight gradient: sum over steps and rows of Y_s^T gD_s, one product per trial
+    gWr = torch.bmm(Ys.view(K, n * B, M).transpose(1, 2), gDs.view(K, n * B, M))
+    gC = gDs.view(K, T, dyn.substeps, B, M).sum(2).permute(0, 2, 1, 3)
+    return gC, gWr, gX, gY
+
+
+def _banded(Wr: torch.Tensor, dyn: Dynamics) -> torch.Tensor:
+    """``Wr`` with the entries outside the layer band zeroed (torch back end)."""
+    if dyn.layer_size is None:
+        return Wr
+    return Wr * band_mask(Wr.shape[-1], dyn.layer_size, Wr.device)
+
+
+# ---------------------------------------------------------------------------- entry points
+def integrate(
+    C: torch.Tensor,
+    Wr: torch.Tensor,
+    X0: torch.Tensor,
+    Y0: torch.Tensor,
+    dyn: Dynamics,
+    store: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The fast forward loop, without autograd. With ``store`` it also returns what the
+    backward pass needs (back-end specific); without, it keeps only the current state.
+
+    Returns ``(Xseq, X_final, Y_final, saved)``.
+    """
+    lib = _native_for(C, Wr, X0, Y0)
+    if lib is not None:
+        call = _NativeCall(lib, C.shape, C.dtype, dyn)
+        C, Wr, X0, Y0 = call.inputs(C, Wr, X0, Y0)
+        Xseq, Xf, Yf, Ycp = call.forward(C, Wr, X0, Y0, store)
+        return Xseq, Xf, Yf, ((C, Wr, X0, Y0, Xseq, Ycp) if store else ())
+    return _torch_forward(C, _banded(Wr, dyn), X0, Y0, dyn, store)
 
 
 class EulerScan(torch.autograd.Function):
@@ -201,56 +1057,30 @@ class EulerScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, C, Wr, X0, Y0, dyn: Dynamics):  # type: ignore[override]
-        Xseq, Xf, Yf, saved = integrate(C, Wr, X0, Y0, dyn, store=True)
-        ctx.save_for_backward(*saved, Wr)
+        ctx.set_materialize_grads(False)  # unused outputs cost nothing in the backward
         ctx.dyn = dyn
         ctx.shape = tuple(C.shape)
+        lib = _native_for(C, Wr, X0, Y0)
+        ctx.native = lib is not None
+        if lib is not None:
+            ctx.call = call = _NativeCall(lib, C.shape, C.dtype, dyn)
+            C, Wr, X0, Y0 = call.inputs(C, Wr, X0, Y0)
+            Xseq, Xf, Yf, Ycp = call.forward(C, Wr, X0, Y0, store=True)
+            ctx.save_for_backward(C, Wr, X0, Y0, Xseq, Ycp)
+        else:
+            Wb = _banded(Wr, dyn)
+            Xseq, Xf, Yf, saved = _torch_forward(C, Wb, X0, Y0, dyn, store=True)
+            ctx.save_for_backward(Wb, *saved)
         return Xseq, Xf, Yf
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gXseq, gXfin, gYfin):  # type: ignore[override]
-        Xs, Ds, Ys, Wr = ctx.saved_tensors
-        dyn: Dynamics = ctx.dyn
-        K, B, T, M = ctx.shape
-        n = T * dyn.substeps
-        h = dyn.h
-        WrT = Wr.transpose(1, 2)
-        gX = gXfin.clone() if gXfin is not None else Xs.new_zeros((K, B, M))
-        gY = gYfin.clone() if gYfin is not None else Xs.new_zeros((K, B, M))
-        gDs = Xs.new_empty((n, K, B, M))
-        neg_gamma = -dyn.gamma
-        for s in range(n - 1, -1, -1):
-            if gXseq is not None and (s + 1) % dyn.substeps == 0:
-                gX.add_(gXseq[:, :, (s + 1) // dyn.substeps - 1])
-            X, D = Xs[s], Ds[s]
-            Xn = Xs[s + 1]
-            # dL/dX_{s+1} in full: direct, plus through Y_{s+1} = ... + o(X_{s+1})
-            if dyn.tanh_out:
-                gXn = gX.addcmul(1 - torch.tanh(Xn) ** 2, gY)
-            else:
-                gXn = gX + gY
-            if dyn.clipped:
-                gXn = gXn * ((Xn > 0) & (Xn < 1))
-            gF = gXn * h
-            gD = torch.mul(gF, _gain(dyn.kind, X), out=gDs[s])
-            # dF/dX = -gamma (1 + 2 Q X) + D g'(X)
-            if dyn.q is not None and dyn.kind == "spintronic":
-                dFdX = (1 + 2 * dyn.q * X) * neg_gamma
-            else:
-                dFdX = neg_gamma.expand_as(X)
-            gdx = _gain_dx(dyn.kind, X)
-            if gdx is not None:
-                dFdX = dFdX + D * gdx
-            gX = gXn.addcmul_(gF, dFdX)
-            if dyn.a is not None:
-                if dyn.tanh_out:
-                    gX.addcmul_(1 - torch.tanh(X) ** 2, gY, value=-1.0)
-                else:
-                    gX.sub_(gY)
-                gY = torch.baddbmm(gY * dyn.a, gD, WrT)
-            else:
-                gY = torch.bmm(gD, WrT)
-        # weight gradient: sum over steps of Y_s^T gD_s, as one product
-        gWr = torch.einsum("skbi,skbj->kij", Ys, gDs)
-        gC = gDs.view(T, dyn.substeps, K, B, M).sum(1).permute(1, 2, 0, 3)
+        if ctx.native:
+            gC, gWr, gX, gY = ctx.call.backward(*ctx.saved_tensors, gXseq, gXfin, gYfin)
+        else:
+            Wb, Xs, Ds, Ys = ctx.saved_tensors
+            gC, gWr, gX, gY = _torch_backward(ctx.dyn, ctx.shape, Wb, Xs, Ds, Ys, gXseq, gXfin, gYfin)
+            if ctx.dyn.layer_size is not None:
+                gWr = gWr * band_mask(gWr.shape[-1], ctx.dyn.layer_size, gWr.device)
         return gC, gWr, gX, gY, None

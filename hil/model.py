@@ -134,6 +134,7 @@ class DynamicalNetwork(nn.Module):
             gamma=self.gamma,
             q=self.q if has_q else None,
             a=self.filter_a if self.highpass else None,
+            layer_size=self.N,  # Wr is the layer band: the engine skips the zero blocks
         )
 
     def initial_state(self, batch: int) -> State:
@@ -156,14 +157,17 @@ class DynamicalNetwork(nn.Module):
         """
         if u.dim() == 3:
             u = u.unsqueeze(0)
-        K, N = self.K, self.N
-        S4 = self.S.view(K, 1, 1, 1)
+        K, N, M = self.K, self.N, self.M
         u_scaled = self.S_in.view(K, 1, 1, 1) * (u - self.input_centre) + self.b_in.view(K, 1, 1, 1)
-        drive0 = torch.matmul(u_scaled, self.W_in.transpose(1, 2).unsqueeze(1))  # (K,B,T,N)
-        pad = torch.zeros(*drive0.shape[:-1], self.M - N, dtype=drive0.dtype)
-        C = S4 * (torch.cat([drive0, pad], -1) + self.bias.view(K, 1, 1, self.M))
-        C = C + self.b_fixed.view(K, 1, 1, self.M)
-        return C * self.sigma.view(K, 1, 1, self.M)
+        _, B, T, n_in = u_scaled.shape
+        # sigma (S (W_in y_in + bias) + b_fixed): one product for the input layer plus a per-trial
+        # constant, so that only the result is written at full size (K, B, T, M)
+        S = self.S.view(K, 1, 1)
+        const = self.sigma * (S * self.bias.view(K, 1, M) + self.b_fixed)  # (K, 1, M)
+        w_in = self.W_in.transpose(1, 2) * (S * self.sigma[..., :N])  # (K, n_in, N)
+        drive0 = torch.baddbmm(const[..., :N], u_scaled.reshape(K, B * T, n_in), w_in)
+        rest = const[..., N:].view(K, 1, 1, M - N).expand(K, B, T, M - N)
+        return torch.cat([drive0.view(K, B, T, N), rest], -1)
 
     def scaled_recurrent(self) -> torch.Tensor:
         """``Wr`` such that the state-dependent drive is ``Y @ Wr`` (K, M_send, M_recv)."""

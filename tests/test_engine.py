@@ -1,15 +1,30 @@
-"""The fast engine equals the straightforward autograd loop: states, losses and gradients."""
+"""The fast engine equals the straightforward autograd loop: states, losses and gradients,
+on both of its back ends (native kernel and torch), for every neuron type and filter option."""
 
 import pytest
 import torch
 
+from hil import engine
 from hil.config import ModelConfig
+from hil.engine import Dynamics, EulerScan, band_mask, scan_reference
 from hil.model import DynamicalNetwork
 from sims.neurons import NEURON_TYPES
 
+BACKENDS = ["native", "torch"]
 
-def _run(net, u, engine):
-    net.engine = engine
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Runs the test on one back end of the fast engine (the native one must be buildable)."""
+    if request.param == "native" and engine.native_library() is None:
+        pytest.skip("native kernel unavailable (no C++ compiler)")
+    previous = engine.set_native(request.param == "native")
+    yield request.param
+    engine.set_native(previous)
+
+
+def _run(net, u, engine_name):
+    net.engine = engine_name
     net.zero_grad()
     xseq, st = net(u)
     out = net.readout(xseq)
@@ -20,7 +35,7 @@ def _run(net, u, engine):
 
 @pytest.mark.parametrize("kind", NEURON_TYPES)
 @pytest.mark.parametrize("highpass", [True, False])
-def test_fast_engine_matches_reference(kind, highpass):
+def test_fast_engine_matches_reference(kind, highpass, backend):
     torch.manual_seed(0)
     cfgs = [ModelConfig(neuron=kind, highpass=highpass, n_hidden=6,
                         q=0.3 if kind == "spintronic" else 0.0, S_in=3.0),
@@ -37,7 +52,7 @@ def test_fast_engine_matches_reference(kind, highpass):
     assert xf.std() > 0  # the dynamics did something
 
 
-def test_float32_fast_engine_close_to_reference():
+def test_float32_fast_engine_close_to_reference(backend):
     net = DynamicalNetwork([ModelConfig()], 1, 10, [3])
     u = torch.rand(8, 64, 1)
     lf, _, gf = _run(net, u, "fast")
@@ -47,10 +62,138 @@ def test_float32_fast_engine_close_to_reference():
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
 
 
-def test_no_grad_path_equals_training_path():
+def test_no_grad_path_equals_training_path(backend):
     net = DynamicalNetwork([ModelConfig(n_hidden=5)], 1, 10, [0])
     u = torch.rand(3, 10, 1)
     a, _ = net(u)
     with torch.no_grad():
         b, _ = net(u)
     assert torch.equal(a.detach(), b)
+
+
+def _random_problem(K, B, T, L, N, substeps, kind="spintronic", highpass=True, q=True, seed=0,
+                    layer_size=True):
+    """Random inputs of :class:`EulerScan` (float64), states inside (0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    M = L * N
+    C = torch.rand(K, B, T, M, generator=g, dtype=torch.float64) * 2 - 0.5
+    Wr = (torch.rand(K, M, M, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    if layer_size:
+        Wr = Wr * band_mask(M, N)
+    X0 = torch.rand(K, B, M, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    Y0 = torch.rand(K, B, M, generator=g, dtype=torch.float64) * 0.2
+    gamma = torch.rand(K, 1, M, generator=g, dtype=torch.float64) * 0.2 + 0.05
+    dyn = Dynamics(
+        kind, 0.3 / substeps * 4, substeps, gamma,
+        (torch.rand(K, 1, M, generator=g, dtype=torch.float64) * 0.5) if q else None,
+        (1 - torch.rand(K, 1, 1, generator=g, dtype=torch.float64) * 0.1) if highpass else None,
+        N if layer_size else None,
+    )
+    return C, Wr, X0, Y0, dyn
+
+
+def _grads_fast(C, Wr, X0, Y0, dyn, w):
+    ins = [t.clone().requires_grad_() for t in (C, Wr, X0, Y0)]
+    xs, xf, yf = EulerScan.apply(*ins, dyn)
+    loss = (xs * w[0]).sum() + (xf * w[1]).sum() + (yf * w[2]).sum()
+    return (xs, xf, yf), torch.autograd.grad(loss, ins)
+
+
+def _grads_reference(C, Wr, X0, Y0, dyn, w, N):
+    ins = [t.clone().requires_grad_() for t in (C, Wr, X0, Y0)]
+    M = C.shape[-1]
+    sl = [slice(i, min(i + N, M)) for i in range(0, M, N)]
+    blocks = [[ins[1][:, s, r] for s in sl] for r in sl]
+    xs, xf, yf = scan_reference(ins[0], blocks, [ins[2][..., s] for s in sl],
+                                [ins[3][..., s] for s in sl], dyn, sl)
+    loss = (xs * w[0]).sum() + (xf * w[1]).sum() + (yf * w[2]).sum()
+    return (xs, xf, yf), torch.autograd.grad(loss, ins)
+
+
+@pytest.mark.parametrize(
+    "K,B,T,L,N,substeps",
+    [(1, 1, 1, 1, 1, 1), (2, 7, 5, 2, 3, 3), (1, 17, 16, 3, 5, 4), (3, 9, 4, 3, 16, 1),
+     (1, 16, 17, 2, 17, 2), (2, 33, 3, 1, 8, 5), (1, 3, 3, 2, 2, 20)],
+)
+def test_engine_shapes_against_reference(K, B, T, L, N, substeps, backend):
+    """Tile padding (B not a multiple of the tile), adjoint blocks (T vs block length), layer
+    sizes that do not fill the register blocks, one layer, one point, one sub-step."""
+    C, Wr, X0, Y0, dyn = _random_problem(K, B, T, L, N, substeps, seed=K * 100 + T)
+    g = torch.Generator().manual_seed(1)
+    w = [torch.randn(s, generator=g, dtype=torch.float64) for s in
+         ((K, B, T, L * N), (K, B, L * N), (K, B, L * N))]
+    out_f, grad_f = _grads_fast(C, Wr, X0, Y0, dyn, w)
+    out_r, grad_r = _grads_reference(C, Wr, X0, Y0, dyn, w, N)
+    for a, b in zip(out_f, out_r, strict=True):
+        assert torch.allclose(a, b, atol=1e-13, rtol=0)
+    band = band_mask(L * N, N)
+    for i, (a, b) in enumerate(zip(grad_f, grad_r, strict=True)):
+        if i == 1:  # the weight gradient lives on the band only (see below)
+            a, b = a[:, band], b[:, band]
+        assert torch.allclose(a, b, atol=1e-11, rtol=1e-11), i
+
+
+@pytest.mark.parametrize("kind", NEURON_TYPES)
+def test_dense_recurrent_matrix(kind, backend):
+    """Without ``layer_size`` every neuron may drive every other one."""
+    C, Wr, X0, Y0, dyn = _random_problem(2, 5, 6, 2, 4, 2, kind=kind, q=kind == "spintronic",
+                                         layer_size=False)
+    w = [torch.ones(1, dtype=torch.float64)] * 3
+    out_f, grad_f = _grads_fast(C, Wr, X0, Y0, dyn, w)
+    out_r, grad_r = _grads_reference(C, Wr, X0, Y0, dyn, w, 8)
+    for a, b in zip(out_f + grad_f, out_r + grad_r, strict=True):
+        assert torch.allclose(a, b, atol=1e-11, rtol=1e-11)
+
+
+def test_entries_outside_the_layer_band_are_ignored(backend):
+    """With ``layer_size`` the blocks outside the band do not act and get no gradient."""
+    C, Wr, X0, Y0, dyn = _random_problem(1, 4, 5, 3, 3, 2)
+    band = band_mask(9, 3)
+    noisy = Wr + (~band) * 7.0
+    w = [torch.ones(1, dtype=torch.float64)] * 3
+    out_a, grad_a = _grads_fast(C, Wr, X0, Y0, dyn, w)
+    out_b, grad_b = _grads_fast(C, noisy, X0, Y0, dyn, w)
+    for a, b in zip(out_a, out_b, strict=True):
+        assert torch.equal(a, b)
+    assert torch.all(grad_b[1][:, ~band] == 0)
+    assert torch.allclose(grad_a[1], grad_b[1], atol=1e-14)
+
+
+def test_native_results_independent_of_threads_and_stacking():
+    """Trials are computed tile by tile and the weight gradient summed in a fixed order: the
+    same trial gives bit-identical results alone or stacked, on any number of threads."""
+    if engine.native_library() is None:
+        pytest.skip("native kernel unavailable (no C++ compiler)")
+    C, Wr, X0, Y0, dyn = _random_problem(3, 21, 7, 3, 6, 4)
+    C, Wr, X0, Y0 = C.float(), Wr.float(), X0.float(), Y0.float()
+    dyn = Dynamics(dyn.kind, dyn.h, dyn.substeps, dyn.gamma.float(), dyn.q.float(), dyn.a.float(),
+                   dyn.layer_size)
+    w = [torch.ones(1)] * 3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads_fast(C, Wr, X0, Y0, dyn, w)
+        torch.set_num_threads(2)
+        two = _grads_fast(C, Wr, X0, Y0, dyn, w)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one[0] + one[1], two[0] + two[1], strict=True):
+        assert torch.equal(a, b)
+    k = 1
+    dyn1 = Dynamics(dyn.kind, dyn.h, dyn.substeps, dyn.gamma[k:k + 1], dyn.q[k:k + 1],
+                    dyn.a[k:k + 1], dyn.layer_size)
+    alone = _grads_fast(C[k:k + 1], Wr[k:k + 1], X0[k:k + 1], Y0[k:k + 1], dyn1, w)
+    for a, b in zip(alone[0] + alone[1], one[0] + one[1], strict=True):
+        assert torch.equal(a[0], b[k])
+
+
+def test_unused_outputs_need_no_gradient(backend):
+    C, Wr, X0, Y0, dyn = _random_problem(1, 3, 4, 2, 3, 2)
+    ins = [t.clone().requires_grad_() for t in (C, Wr, X0, Y0)]
+    xs, _, _ = EulerScan.apply(*ins, dyn)
+    xs[:, :, -1].sum().backward()
+    ref = [t.clone().requires_grad_() for t in (C, Wr, X0, Y0)]
+    xs_r, xf_r, yf_r = EulerScan.apply(*ref, dyn)
+    (xs_r[:, :, -1].sum() + 0 * xf_r.sum() + 0 * yf_r.sum()).backward()
+    for a, b in zip(ins, ref, strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-14)

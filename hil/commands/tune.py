@@ -22,7 +22,9 @@ def register(sub: Any) -> None:
         "again with --resume RUN_FOLDER (or the same --storage and --study-name) to continue "
         "a killed search.")
     add_config_args(p)
-    p.add_argument("--n-trials", type=int, default=40, help="total trials in the study")
+    p.add_argument("--n-trials", type=int, default=40,
+                   help="total trials in the study (with several workers it may be exceeded by "
+                   "up to (workers - 1) x batch, since each checks the count before asking)")
     p.add_argument("--batch", type=int, default=4, help="trials trained together per job")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--storage", help="SQLAlchemy URL of a shared study database, e.g. "
