@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
+from spy import open_spied, sim_backend
 
-import sims
 from drivers.base import IdentityError, InstrumentError, InstrumentTimeout, LimitError
 from drivers.dc_source import Keithley2400, Keithley2401, RohdeSchwarzHMP4040
-from drivers.recording import ExchangeLog, RecordingTransport
 
-SIM_FILE = Path(sims.__file__).parent / "visa" / "sim_lab.yaml"
 K2400 = "GPIB0::24::INSTR"
 SMUS = pytest.mark.parametrize("cls,address", [(Keithley2400, "GPIB0::24::INSTR"),
                                                (Keithley2401, "GPIB0::25::INSTR")])
@@ -21,15 +18,9 @@ HMP = "USB0::0x0AAD::0x0117::101234::INSTR"
 
 @pytest.fixture
 def sim(tmp_path: Path) -> str:
-    path = tmp_path / "sim_lab.yaml"
-    shutil.copy(SIM_FILE, path)
-    return f"{path}@sim"
+    return sim_backend(tmp_path)
 
 
-def open_spied(cls, address, backend, **kwargs):
-    log = ExchangeLog()
-    transport = RecordingTransport(cls.open_transport(address, backend, 500), log, "dut")
-    return cls(transport, **kwargs), log
 
 
 # --------------------------------------------------------------------------- Keithley 2400

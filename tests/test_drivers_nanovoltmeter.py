@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
+from spy import open_spied as spy_open
+from spy import sim_backend
 
-import sims
 from drivers.base import InstrumentError, InstrumentTimeout, LimitError
 from drivers.nanovoltmeter import DifferentialReading, Keithley2182A, differential_measurement
-from drivers.recording import ExchangeLog, RecordingTransport
 from drivers.rf_source import RohdeSchwarzSMB100A
 
-SIM_FILE = Path(sims.__file__).parent / "visa" / "sim_lab.yaml"
 ADDRESS = "GPIB0::7::INSTR"
 
 
 @pytest.fixture
 def sim(tmp_path: Path) -> str:
-    path = tmp_path / "sim_lab.yaml"
-    shutil.copy(SIM_FILE, path)
-    return f"{path}@sim"
+    return sim_backend(tmp_path)
 
 
-def open_spied(backend, **kwargs):
-    log = ExchangeLog()
-    transport = RecordingTransport(Keithley2182A.open_transport(ADDRESS, backend, 500), log, "n")
-    return Keithley2182A(transport, **kwargs), log
+
+
+open_spied = partial(spy_open, Keithley2182A, ADDRESS)
 
 
 def test_set_and_read_back(sim):

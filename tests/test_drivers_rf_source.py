@@ -2,35 +2,25 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
+from spy import open_spied, sim_backend
 
-import sims
 from drivers.base import IdentityError, InstrumentError, InstrumentTimeout, LimitError
 from drivers.nanovoltmeter import Keithley2182A, differential_measurement
 from drivers.recording import ExchangeLog, RecordingTransport
 from drivers.rf_source import KeysightN5183B, RohdeSchwarzSMB100A
 
-SIM_FILE = Path(sims.__file__).parent / "visa" / "sim_lab.yaml"
 SMB = (RohdeSchwarzSMB100A, "GPIB0::28::INSTR", "SOUR:POW:LIM:AMPL?")
 MXG = (KeysightN5183B, "TCPIP0::192.168.1.31::inst0::INSTR", "SOUR:POW:USER:MAX?")
 
 
 @pytest.fixture
 def sim(tmp_path: Path) -> str:
-    """A private copy of the simulated lab, so no state leaks between tests."""
-    path = tmp_path / "sim_lab.yaml"
-    shutil.copy(SIM_FILE, path)
-    return f"{path}@sim"
+    return sim_backend(tmp_path)
 
 
-def open_spied(cls, address, backend, **kwargs):
-    """Open a driver whose every exchange lands in an in-memory log."""
-    log = ExchangeLog()
-    transport = RecordingTransport(cls.open_transport(address, backend, 500), log, "dut")
-    return cls(transport, **kwargs), log
 
 
 def sent(log: ExchangeLog) -> list[str]:

@@ -2,33 +2,28 @@
 
 from __future__ import annotations
 
-import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
+from spy import open_spied as spy_open
+from spy import sim_backend
 
-import sims
 from drivers.base import InstrumentError, InstrumentTimeout, LimitError
 from drivers.nanovoltmeter import differential_measurement
-from drivers.recording import ExchangeLog, RecordingTransport
 from drivers.rf_switch import MiniCircuitsRC1SP4T, SwitchGate
 
-SIM_FILE = Path(sims.__file__).parent / "visa" / "sim_lab.yaml"
 SW = "TCPIP0::192.168.1.50::23::SOCKET"
 
 
 @pytest.fixture
 def sim(tmp_path: Path) -> str:
-    path = tmp_path / "sim_lab.yaml"
-    shutil.copy(SIM_FILE, path)
-    return f"{path}@sim"
+    return sim_backend(tmp_path)
 
 
-def open_spied(backend, **kwargs):
-    log = ExchangeLog()
-    transport = RecordingTransport(MiniCircuitsRC1SP4T.open_transport(SW, backend, 500), log,
-                                   "sw")
-    return MiniCircuitsRC1SP4T(transport, **kwargs), log
+
+
+open_spied = partial(spy_open, MiniCircuitsRC1SP4T, SW)
 
 
 def test_identity_and_set_and_read_back(sim):

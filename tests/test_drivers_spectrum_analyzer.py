@@ -2,31 +2,27 @@
 
 from __future__ import annotations
 
-import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
+from spy import open_spied as spy_open
+from spy import sim_backend
 
-import sims
 from drivers.base import InstrumentError, InstrumentTimeout, LimitError
-from drivers.recording import ExchangeLog, RecordingTransport
 from drivers.spectrum_analyzer import RohdeSchwarzFSV
 
-SIM_FILE = Path(sims.__file__).parent / "visa" / "sim_lab.yaml"
 FSV = "TCPIP0::192.168.1.40::inst0::INSTR"
 
 
 @pytest.fixture
 def sim(tmp_path: Path) -> str:
-    path = tmp_path / "sim_lab.yaml"
-    shutil.copy(SIM_FILE, path)
-    return f"{path}@sim"
+    return sim_backend(tmp_path)
 
 
-def open_spied(backend, **kwargs):
-    log = ExchangeLog()
-    transport = RecordingTransport(RohdeSchwarzFSV.open_transport(FSV, backend, 500), log, "sa")
-    return RohdeSchwarzFSV(transport, **kwargs), log
+
+
+open_spied = partial(spy_open, RohdeSchwarzFSV, FSV)
 
 
 def test_set_and_read_back(sim):

@@ -7,27 +7,25 @@ Communications Protocol), including unsolicited MOVE_COMPLETED messages and erro
 
 from __future__ import annotations
 
-import shutil
 import struct
+from functools import partial
 from pathlib import Path
 
 import pytest
+from spy import open_spied as spy_open
+from spy import sim_backend
 
-import sims
 from drivers.base import IdentityError, InstrumentError, InstrumentTimeout, LimitError
 from drivers.recording import ExchangeLog, RecordingTransport
 from drivers.stages import NewportSMC100, ThorlabsKDC101
 
-SIM_FILE = Path(sims.__file__).parent / "visa" / "sim_lab.yaml"
 LTA = {"stage": "LTA-HS"}
 URS = {"stage": "URS100BCC"}
 
 
 @pytest.fixture
 def sim(tmp_path: Path) -> str:
-    path = tmp_path / "sim_lab.yaml"
-    shutil.copy(SIM_FILE, path)
-    return f"{path}@sim"
+    return sim_backend(tmp_path)
 
 
 @pytest.fixture(autouse=True)
@@ -36,13 +34,12 @@ def fast_polling(monkeypatch):
     monkeypatch.setattr(ThorlabsKDC101, "POLL_S", 0.0)
 
 
-def open_spied(address, backend, **kwargs):
-    log = ExchangeLog()
-    transport = RecordingTransport(NewportSMC100.open_transport(address, backend, 500), log, "s")
-    return NewportSMC100(transport, **kwargs), log
 
 
 # =========================================================================== SMC100 on sim
+
+
+open_spied = partial(spy_open, NewportSMC100)
 
 
 def test_smc100_move_and_read_back(sim):
