@@ -20,6 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -318,6 +319,109 @@ class ModelBackend(Backend):
                                "input_centre": float(self.net.input_centre)}}
 
 
+# ----------------------------------------------------------------------------- chip over VISA
+
+LAB_PREFIX = "lab:"
+
+
+class InstrumentChipBackend(Backend):
+    """A chip controller reached through a lab configuration (its instrument with driver
+    ``hil_oscillator_chip``, or else the chip of its virtual world; ``drivers.oscillator_chip``):
+    uploads and runs go over VISA as binary blocks. On the virtual lab
+    (``lab_configs/virtual.yaml``) the controller emulates the simulated chip, which is
+    configured here with ``config`` and ``seed`` (so it draws the same chip as the ``sim``
+    backend; values travel as float32)."""
+
+    name = "lab"
+
+    def __init__(self, lab_config: str | Path, config: DeviceConfig, seed: int) -> None:
+        from drivers.base import DriverError
+        from hil.lab import package_root
+
+        path = Path(lab_config)
+        if not path.exists() and not path.is_absolute() and (package_root() / path).exists():
+            path = package_root() / path
+        self.lab_config = str(path)
+        self._last_description: dict[str, Any] | None = None
+        try:
+            self.chip, self.world = self._open_chip(path)
+        except DriverError as exc:
+            raise BackendError(f"{self.name}: cannot open the chip of {path}: {exc}") from exc
+        try:
+            self.chip.clear_errors()
+            self.cfg = self.chip.configure(dataclasses.asdict(config), seed)
+        except BaseException:
+            self.chip.close()
+            raise
+        c = self.cfg
+        super().__init__(BackendSpec(n_in=c["n_in"], n_layers=c["n_layers"], n_hidden=c["n_hidden"],
+                                     dt_ns=c["dt_ns"], w_max=c["w_max"], b_max=c["b_max"],
+                                     offers_states=True))
+
+    @staticmethod
+    def _open_chip(path: Path) -> tuple[Any, Any]:
+        """The chip controller of a lab configuration: its instrument with a chip driver, or else
+        the ``hil_oscillator_chip`` of its virtual world; ``(driver, world or None)``."""
+        from drivers.oscillator_chip import OscillatorChipController
+        from hil.lab import load_lab_config
+
+        cfg = load_lab_config(path)
+        for name, inst in cfg.instruments.items():
+            if inst.driver_class.KIND == OscillatorChipController.KIND:
+                world = cfg.virtual.build() if inst.backend == "@virtual" and cfg.virtual else None
+                backend: Any = inst.backend
+                if world is not None:
+                    from sims.virtual_lab import VirtualVisaLibrary
+
+                    backend = VirtualVisaLibrary.for_world(world)
+                drv = inst.driver_class.open(inst.address, backend, timeout_ms=inst.timeout_ms, name=name,
+                                             limits=inst.limits, options=inst.options)
+                return drv, world
+        if cfg.virtual is None:
+            raise ConfigError("--backend", f"{path} has no instrument with a chip driver "
+                              "(hil_oscillator_chip) and no virtual world")
+        from sims.virtual_lab import VirtualVisaLibrary
+
+        world = cfg.virtual.build()
+        chips = [(n, m) for n, m in world.instruments.items() if m.MODEL == "hil_oscillator_chip"]
+        if not chips:
+            raise ConfigError("--backend", f"neither {path} nor its virtual world "
+                              f"{cfg.virtual.world.name} has an oscillator-array chip controller")
+        name, model = chips[0]
+        drv = OscillatorChipController.open(model.address, VirtualVisaLibrary.for_world(world), name=name)
+        return drv, world
+
+    def _upload(self, layers: list[dict[str, np.ndarray]]) -> None:
+        from drivers.base import DriverError
+
+        try:
+            self.chip.upload(layers, self.cfg)
+        except DriverError as exc:
+            raise BackendError(f"{self.name}: upload failed: {exc}") from exc
+
+    def _run(self, inputs: np.ndarray) -> Measurement:
+        from drivers.base import DriverError
+
+        try:
+            r = self.chip.run(inputs, self.cfg)
+        except DriverError as exc:
+            raise BackendError(f"{self.name}: run failed: {exc}") from exc
+        return Measurement(r["outputs"], r["states"], r["filtered"], r["device_time_s"])
+
+    def _describe(self) -> dict[str, Any]:
+        if self._last_description is not None:  # closed: what the chip said last
+            return self._last_description
+        return {"identity": {"idn": self.chip.identity, "lab_config": self.lab_config,
+                             "address": getattr(self.chip.transport, "address", "")},
+                "parameters": self.chip.describe_device()}
+
+    def _close(self) -> None:
+        try:
+            self._last_description = self._describe()
+        finally:
+            self.chip.close()
+
+
 BACKENDS = {"sim": SimulatedDeviceBackend, "model": ModelBackend}
 
 
@@ -326,11 +430,15 @@ def make_backend(name: str, model: ModelConfig, n_in: int, input_centre: float, 
     """Build backend ``name`` for a model config; ``seed`` draws the simulated chip."""
     if name == "sim":
         return SimulatedDeviceBackend(device_config(model, n_in, input_centre, device), seed)
+    if name.startswith(LAB_PREFIX) and name != LAB_PREFIX:
+        return InstrumentChipBackend(name[len(LAB_PREFIX):], device_config(model, n_in, input_centre, device),
+                                     seed)
     if name == "model":
         if device:
             raise ConfigError("--device", "the model backend has no device settings")
         return ModelBackend(model, n_in, input_centre, seed)
-    raise ConfigError("--backend", f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
+    raise ConfigError("--backend", f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}, "
+                      f"{LAB_PREFIX}<lab config>")
 
 
 def layers_from_tensors(W_in: torch.Tensor, W_rec: torch.Tensor, bias: torch.Tensor, n_layers: int,

@@ -15,7 +15,9 @@ from hil.errors import ConfigError
 
 MC = ModelConfig(n_layers=2, n_hidden=5, tau_ns=5.0, S=1.0, S_in=2.5, b_in=0.4, w_clip_dt=0.9, b_clip_dt=0.2)
 N_IN, CENTRE = 2, 0.3
-EXTRA: dict[str, object] = {}  # name -> factory(seed) for backends not built by make_backend
+EXTRA: dict[str, object] = {  # name -> factory(seed) for backends not built by make_backend
+    "lab": lambda seed: make_backend("lab:lab_configs/virtual.yaml", MC, N_IN, CENTRE, seed),
+}
 
 
 def build(name: str, seed: int = 0) -> Backend:

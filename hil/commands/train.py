@@ -70,10 +70,20 @@ def register(sub: Any) -> None:
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
     """``--backend`` and ``--device`` (shared by train, upload and study)."""
-    from hil.backends import BACKENDS
+    from hil.backends import BACKENDS, LAB_PREFIX
 
-    p.add_argument("--backend", choices=sorted(BACKENDS),
-                   help="chip to use: sim (simulated oscillator array) or model (the ideal model)")
+    def backend_name(value: str) -> str:
+        if value in BACKENDS or (value.startswith(LAB_PREFIX) and len(value) > len(LAB_PREFIX)):
+            return value
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from "
+                                         f"{', '.join(sorted(BACKENDS))} or {LAB_PREFIX}<lab config>)")
+
+    metavar = "{" + ",".join(sorted(BACKENDS)) + f",{LAB_PREFIX}PATH}}"
+    p.add_argument("--backend", type=backend_name, metavar=metavar,
+                   help="chip to use: sim (simulated oscillator array), model (the ideal model) or "
+                   f"{LAB_PREFIX}<lab config> (the chip controller of a lab configuration, driver "
+                   f"hil_oscillator_chip, or of its virtual world; e.g. {LAB_PREFIX}lab_configs/virtual.yaml"
+                   ")")
     p.add_argument("--device", dest="device", action="append", default=[], metavar="KEY=VALUE",
                    help="simulated-chip setting, e.g. --device cv_gamma=0.3 (repeatable; see "
                    "sims.oscillator_device.DeviceConfig)")

@@ -9,7 +9,8 @@
 - ``config``: world files (``worlds/*.yaml``), defaults and validation.
 - Instrument models: ``sources`` (SMB100A, N5183B, the VCO source of thesis 4.5), ``meters``
   (2182A, FSV), ``supplies`` (HMP4040, 2400/2401), ``switches`` (RC-1SP4T), ``stages``
-  (SMC100, KDC101); ``sample`` (fabrication, pose, rectified voltages).
+  (SMC100, KDC101), ``chip`` (the oscillator-array chip controller over the simulated chip of
+  ``sims.oscillator_device``); ``sample`` (fabrication, pose, rectified voltages).
 
 The physics is in ``sims.spindiode``. Imports nothing from the rest of the project.
 """

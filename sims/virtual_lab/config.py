@@ -115,6 +115,10 @@ INSTRUMENT_DEFAULTS: dict[str, dict[str, Any]] = {
                        "io_s": None},
     "thorlabs_kdc101": {"stage": "Z825B", "serial": 27000123, "acceleration": None,
                         "backlash": 0.003, "power_on": None, "homed": False, "io_s": None},
+    # sims.virtual_lab.chip: the simulated oscillator-array chip behind a SCPI controller;
+    # device: DeviceConfig settings (structure, mismatch, ...); seed: None = the world's seed
+    "hil_oscillator_chip": {"serial": "OSC-0001", "device": {}, "seed": None,
+                            "max_block_bytes": 64_000_000, "io_s": None},
 }
 
 

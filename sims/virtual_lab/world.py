@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sims.spindiode import MagnetArray, SpinDiodeMaterial
+from sims.virtual_lab.chip import OscillatorChipModel
 from sims.virtual_lab.clock import VirtualClock
 from sims.virtual_lab.config import (
     WorldConfigError,
@@ -46,7 +47,8 @@ WORLDS_DIR = Path(__file__).resolve().parent / "worlds"
 
 MODELS: dict[str, type[InstrumentModel]] = {
     cls.MODEL: cls for cls in (Smb100aModel, N5183bModel, K2182aModel, FsvModel, Hmp4040Model,
-                               K2400Model, K2401Model, Rc1sp4tModel, Smc100Model, Kdc101Model)
+                               K2400Model, K2401Model, Rc1sp4tModel, Smc100Model, Kdc101Model,
+                               OscillatorChipModel)
 }
 
 EMPTY = (np.zeros(0), np.zeros(0))
