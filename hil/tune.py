@@ -12,6 +12,7 @@ and their parameters queued again.
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 import os
 import socket
@@ -79,12 +80,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def recover_stale(study: optuna.Study) -> int:
-    """Fail trials left RUNNING by dead workers on this host and queue their parameters."""
+def recover_stale(study: optuna.Study, orphan_grace_s: float = 5.0) -> int:
+    """Fail trials left RUNNING by dead workers and queue their parameters again.
+
+    A trial is stale when its worker ran on this host and that process is gone, or when it
+    never got a worker tag at all and is older than ``orphan_grace_s`` (its worker was killed
+    between asking for the trial and tagging it; a live worker tags within milliseconds).
+    """
     host = socket.gethostname()
+    now = datetime.datetime.now()
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") == host and not _alive(int(t.user_attrs.get("pid", -1))):
+        if "host" in t.user_attrs:
+            stale = t.user_attrs["host"] == host and not _alive(int(t.user_attrs.get("pid", -1)))
+        else:
+            started = t.datetime_start or now
+            stale = (now - started).total_seconds() > orphan_grace_s
+        if stale:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number})
             n += 1

@@ -52,6 +52,16 @@ def test_stale_trial_of_a_dead_worker_is_requeued(tmp_path):
     assert trials[1].params == {} and trials[1].system_attrs["fixed_params"] == t.params
 
 
+def test_untagged_orphan_is_requeued_after_grace(tmp_path):
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=storage, study_name="hil", direction="maximize")
+    study.ask({"model.S": optuna.distributions.FloatDistribution(0.1, 1.0)})  # never tagged
+    assert recover_stale(study, orphan_grace_s=60) == 0  # could still be a live worker
+    time.sleep(0.2)
+    assert recover_stale(study, orphan_grace_s=0.1) == 1
+    assert study.get_trials()[0].state == TrialState.FAIL
+
+
 def test_killed_search_resumes(runs_dir):
     env = {**os.environ, "HIL_RUNS": str(runs_dir)}
     cmd = [sys.executable, "-m", "hil.cli", "tune", *TINY, "--n-trials", "20", "--batch", "1"]
@@ -77,6 +87,7 @@ def test_killed_search_resumes(runs_dir):
     assert folder is not None and done, "the search never completed two trials before the deadline"
     before = len(_study(folder).get_trials(states=(TrialState.COMPLETE,)))
     assert 2 <= before < 20
+    time.sleep(6)  # past the grace period for a trial killed before its worker tagged it
     assert main(["tune", *TINY, "--n-trials", "20", "--batch", "1", "--resume", str(folder)]) == 0
     trials = _study(folder).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
