@@ -196,7 +196,7 @@ class DynamicalNetwork(nn.Module):
         else:
             Wr = self.scaled_recurrent()
             sl = self.layer_slices()
-            blocks = [[_block(Wr, sl[m], sl[li]) for m in range(self.L)] for li in range(self.L)]
+            blocks = [[Wr[:, sl[m], sl[li]] for m in range(self.L)] for li in range(self.L)]
             xseq, xf, yf = scan_reference(
                 C, blocks, [state.x[..., s] for s in sl], [state.y[..., s] for s in sl], dyn, sl
             )
@@ -232,11 +232,6 @@ class DynamicalNetwork(nn.Module):
             out.append({"W_ext": w_ext.clone(), "W_int": W[s, s].clone(),
                         "b": self.bias[k, s].detach().clone()})
         return out
-
-
-def _block(Wr: torch.Tensor, send: slice, recv: slice) -> torch.Tensor | None:
-    blk = Wr[:, send, recv]
-    return blk
 
 
 def _uniform(shape: tuple[int, ...], a: float, g: torch.Generator) -> torch.Tensor:

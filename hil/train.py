@@ -156,12 +156,13 @@ class Trainer:
         self._snapshot()
 
     # ------------------------------------------------------------- snapshots / rollback
+    def _trial_state(self, k: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Copy of trial ``k``'s parameters and optimiser state (a rollback point)."""
+        return ({n: p[k].detach().clone() for n, p in self.net.named_parameters()},
+                self.opt.state_of(k))
+
     def _snapshot(self) -> None:
-        self._snap = [
-            ({n: p[k].detach().clone() for n, p in self.net.named_parameters()},
-             self.opt.state_of(k))
-            for k in range(self.K)
-        ]
+        self._snap = [self._trial_state(k) for k in range(self.K)]
 
     @torch.no_grad()
     def _rollback(self, k: int, why: str, epoch: int) -> None:
@@ -294,7 +295,7 @@ class Trainer:
                 self.history.append(rec)
                 if self.log:
                     self.log(rec)
-            self._snapshot_good(evals)
+            self._snapshot_good()
             main = evals.get("val", evals.get("test"))
             if main is not None:
                 good = main["metric"][self.active]
@@ -322,15 +323,12 @@ class Trainer:
         return TrainResult(self.net, self.history, final, self.statuses,
                            time.perf_counter() - t_start)
 
-    def _snapshot_good(self, evals: dict[str, dict[str, torch.Tensor]]) -> None:
+    def _snapshot_good(self) -> None:
         """Keep the last good epoch of each trial (finite parameters) for rollback."""
         for k in range(self.K):
             finite = all(bool(torch.isfinite(p[k]).all()) for p in self.net.trainable())
             if finite and self.active[k]:
-                self._snap[k] = (
-                    {n: p[k].detach().clone() for n, p in self.net.named_parameters()},
-                    self.opt.state_of(k),
-                )
+                self._snap[k] = self._trial_state(k)
 
 
 def summarize(values: list[float]) -> dict[str, float]:
