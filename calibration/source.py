@@ -235,3 +235,54 @@ def set_tone(lab: Any, cal: SourceCalibration, channel: int, freq_hz: float, pow
     _drv(lab, w.tuning_role).set_voltage_v(channel, tuning_v)
     _drv(lab, w.amplifier_role).set_voltage_v(channel, amp_v)
     return tuning_v, amp_v
+
+
+def measure_settling(lab: Any, cal: SourceCalibration, channel: int, *, v_from: float | None = None,
+                     v_to: float | None = None, duration_s: float = 6.0, interval_s: float = 0.1,
+                     wiring: SourceWiring | None = None) -> dict[str, Any]:
+    """The stabilisation time constant of one channel's power (thesis 4.7: the custom source
+    must settle after every change), measured as a step response on the analyser.
+
+    The amplifier steps from ``v_from`` to ``v_to`` (by default inside the fitted range); the
+    tone's power is read every ``interval_s`` of lab time, mapped back to the amplifier
+    voltage it corresponds to through the calibration's P(V) fit, and the remaining gap to
+    ``v_to`` is fitted as exp(-t / tau) while it exceeds 3 % of the step. The amplifier returns
+    to 0 V (no RF) on every exit path. Returns tau_s, its fit residual and the samples.
+    """
+    w = wiring or SourceWiring()
+    c = cal.channels[channel]
+    v_from = c.fit_lo_v + 0.3 if v_from is None else v_from
+    v_to = c.fit_hi_v - 0.2 if v_to is None else v_to
+    tune, amp, sa = _drv(lab, w.tuning_role), _drv(lab, w.amplifier_role), lab["spectrum_analyzer"]
+    samples: list[tuple[float, float]] = []
+    try:
+        lab["source_switch"].port = w.vco_source_port
+        lab["switch"].port = w.analyzer_port
+        tune.set_voltage_v(channel, cal.tuning_for(channel, c.operating_freq_hz))
+        tune.set_output(channel, True)
+        amp.set_output(channel, True)
+        amp.set_voltage_v(channel, v_from)
+        lab.sleep(w.settle_s)
+        amp.set_voltage_v(channel, v_to)
+        t0 = lab.clock.now_s()
+        while lab.clock.now_s() - t0 < duration_s:
+            ta = lab.clock.now_s()
+            f, p_dbm = sa.measure_peak(c.operating_freq_hz, 4e6, rbw_hz=300e3)
+            samples.append((0.5 * (ta + lab.clock.now_s()) - t0, p_dbm + cal.attenuation_db(f)))
+            lab.sleep(interval_s)
+    finally:
+        _vco_off(amp, [channel])
+    t = np.array([s[0] for s in samples])
+    p_mw = 10 ** (np.array([s[1] for s in samples]) / 10)
+    v_grid = np.linspace(c.fit_lo_v, c.fit_hi_v, 2001)
+    v_est = np.interp(p_mw, np.polyval(c.poly_mw, v_grid), v_grid)
+    gap = (v_to - v_est) / (v_to - v_from)
+    use = gap > 0.03
+    if use.sum() < 4:
+        raise RuntimeError(f"channel {channel}: the step settled before 4 readings; lower interval_s")
+    slope, intercept = np.polyfit(t[use], np.log(gap[use]), 1)
+    if slope >= 0:
+        raise RuntimeError(f"channel {channel}: the power does not settle towards the new setting")
+    resid = float(np.std(np.log(gap[use]) - (slope * t[use] + intercept)))
+    return {"channel": channel, "tau_s": float(-1 / slope), "log_residual": resid,
+            "v_from": v_from, "v_to": v_to, "t_s": t.tolist(), "power_dbm": [s[1] for s in samples]}

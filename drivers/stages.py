@@ -85,6 +85,10 @@ class Stage(Instrument):
     STAGES: ClassVar[dict[str, StageModel]] = {}
     #: Seconds between status polls while waiting for a move to end.
     POLL_S: ClassVar[float] = 0.05
+    #: How the driver waits between polls: ``time.sleep`` on a real bench; a simulated
+    #: bench with its own clock sets its clock's sleep here (``hil.lab`` does this), so a
+    #: move costs lab time, not wall time.
+    poll_sleep: Callable[[float], None] = staticmethod(time.sleep)
 
     @classmethod
     def stage_model(cls, options: dict[str, Any] | None = None) -> StageModel:
@@ -168,7 +172,7 @@ class Stage(Instrument):
     def home(self, *, timeout_s: float | None = None) -> None:
         """Home search; waits until the axis is referenced (stopped on error or timeout)."""
         self._send_home()
-        self.wait_until_stopped(timeout_s or self.options["home_timeout_s"])
+        self.wait_until_stopped(timeout_s or self.options["home_timeout_s"], sleep=self.poll_sleep)
         self._after_home()
 
     def stop(self) -> None:
@@ -216,7 +220,7 @@ class Stage(Instrument):
             f"position_{self.unit}", target, instrument=self.describe())
         self._send_move_abs(target)
         if wait:
-            self.wait_until_stopped(timeout_s or self.options["move_timeout_s"])
+            self.wait_until_stopped(timeout_s or self.options["move_timeout_s"], sleep=self.poll_sleep)
 
     def _move_by(self, delta: float, wait: bool, timeout_s: float | None) -> None:
         if not isinstance(delta, int | float) or isinstance(delta, bool) or delta != delta:

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "hil.commands.upload",
     "hil.commands.study",
     "hil.commands.calibrate",
+    "hil.commands.conv",
     "hil.lab",
 )
 

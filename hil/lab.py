@@ -496,6 +496,8 @@ class Lab:
             driver = cls(transport, name=name, limits=inst.limits, options=inst.options)
         except DriverError as exc:
             raise LabError(f"cannot use {what}: {exc}") from exc
+        if inst.backend == _VIRTUAL and hasattr(driver, "poll_sleep"):
+            driver.poll_sleep = self.sleep  # waits cost lab time on the virtual clock
         self.instruments[name] = driver
         return driver
 

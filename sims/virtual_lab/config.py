@@ -46,7 +46,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # slow changes over lab time (thesis 4.7)
     "drift": {"step_s": 600.0, "hold_s": 1.0, "position_um_per_sqrt_h": 2.0,
               "contact_frac_per_sqrt_h": 0.01,
-              "move_kick_um": 0.5, "move_kick_frac": 0.0002},
+              "move_kick_um": 0.05, "move_kick_frac": 0.0002},
     # the RF line from the output switch to every device (thesis 2.6.1, 3.5.1)
     "holder": {"attenuator_db": 3.0, "loss_db_at_1ghz": 0.8, "ripple_db": 0.1,
                "ripple_period_hz": 4.0e8},
