@@ -19,12 +19,18 @@ criterion (``ToneSource``: the source's power within ``eps`` of full scale of it
 - ``Planned``, the measurement plan: (1) never measure what is known: an all-zero patch gives
   0 V (no RF, nothing to rectify) and a patch already measured in this block (the images
   between two position optimisations) is reused; (2) RF on/off with the source-selector switch
-  (port 0: nothing connected), so the source stays settled and is set once per patch; (3)
-  chains whose optimal stage z agree within ``group_um`` are measured together at one stage
-  position (one move per group per block instead of one per chain per patch); (4) the
-  unique patches are ordered greedily so that consecutive ones need small changes of the
-  amplifier voltages, and each change waits only as long as the measured settling time
-  constant says that change needs.
+  (port 0: nothing connected), so the source stays settled, and the RF-off offset of a chain
+  is measured again only when older than ``offset_reuse_s`` (it drifts over minutes); (3)
+  chains whose optimal stage z agree within ``group_um`` share one stage position, and the
+  z groups are visited either once per block (a settle per patch per group) or at every
+  patch (one settle per patch, a move per group), whichever the measured settling time and
+  move time make cheaper; (4) the unique patches are ordered greedily so that consecutive
+  ones need small changes of the amplifier voltages, and each change waits only as long as
+  the measured settling time constant says that change needs.
+
+What this bench cannot do in parallel: its output switch feeds one chain at a time, so the
+nanovoltmeter's second channel has nothing to read at the same time; a bench that splits the
+RF to several chains wired to separate channels would allow it (not implemented).
 
 Every procedure books its lab time (``lab.clock``: the virtual clock or the wall clock) and
 instrument operations in a ``Ledger`` by activity. RF is off (amplifiers at 0 V, selector at
@@ -160,6 +166,7 @@ class ToneSource:
         self._since_s = np.zeros(n)
         self.clipped = 0
         self.last_x = np.zeros(n)
+        self.started = False
 
     # ---- encoding
 
@@ -229,6 +236,7 @@ class ToneSource:
             self.lab.sleep(self.tuning_settle_s)
         self._from_v[:] = 0.0
         self.target_v[:] = 0.0
+        self.started = True
 
     def _command(self, volts: np.ndarray) -> None:
         t = self.lab.clock.now_s()
@@ -272,6 +280,7 @@ class ToneSource:
             except Exception:  # keep switching the others off
                 continue
         self.target_v[:] = 0.0
+        self.started = False
 
 
 class SourceGate:
@@ -302,6 +311,7 @@ class PlacedChain:
     weights: list[float]
     stage_z_mm: float
     v_max_v: float
+    voltmeter_channel: int = 1
 
 
 @dataclass
@@ -332,6 +342,7 @@ class Convolver:
 
     def __init__(self, lab: Any, source: ToneSource, chains: list[PlacedChain], ledger: Ledger, *,
                  plan: str = "planned", n_avg: int = 1, every: int = 10, group_um: float = 3.0,
+                 offset_reuse_s: float = 30.0,
                  reoptimise: Callable[[Any, list[PlacedChain], Ledger], None] | None = None,
                  source_port: int | None = None, progress: Callable[[int, int], None] | None = None
                  ) -> None:
@@ -339,6 +350,11 @@ class Convolver:
             raise ValueError(f"plan must be 'planned' or 'algorithm3', got {plan!r}")
         self.lab, self.source, self.chains, self.ledger = lab, source, chains, ledger
         self.plan, self.n_avg, self.every, self.group_um = plan, n_avg, every, group_um
+        self.offset_reuse_s = offset_reuse_s
+        self._offset: dict[int, tuple[float, float]] = {}  # chain -> (lab time, RF-off volts)
+        self._gate_on = False
+        self._port: int | None = None
+        self._nvm_channel: int | None = None
         self.reoptimise = reoptimise
         self.source_port = source.w.vco_source_port if source_port is None else source_port
         self.progress = progress
@@ -351,11 +367,54 @@ class Convolver:
             self.ledger.count("stage moves")
 
     def _select(self, port: int) -> None:
+        if port == self._port:
+            return
         with self.ledger.on("switching"):
             self.lab["switch"].port = port
+            self._port = port
             self.ledger.count("switch changes")
 
-    def _read(self, gate: Any) -> float:
+    def _channel(self, chain: int) -> None:
+        """The voltmeter channel the chain's DC port is wired to."""
+        ch = self.chains[chain].voltmeter_channel
+        if ch != self._nvm_channel:
+            with self.ledger.on("switching"):
+                self.lab["voltmeter"].channel = ch
+                self._nvm_channel = ch
+                self.ledger.count("voltmeter channel changes")
+
+    def reset_state(self) -> None:
+        """Forget what the switches are known to be set to (someone else used them)."""
+        self._port = self._nvm_channel = None
+        self._gate_on = False
+
+    def _read_planned(self, gate: SwitchGate, chain: int) -> float:
+        """RF-on reading(s) minus the chain's RF-off offset; the offset (thermal EMFs, drifting
+        over minutes, ``K2182A`` doc) is measured again only when older than
+        ``offset_reuse_s``: between patches the selector stays on and only the source moves.
+        RF stays on between readings; ``run`` switches it off on every exit path."""
+        nvm = self.lab["voltmeter"]
+        self._channel(chain)
+        with self.ledger.on("voltmeter readings"):
+            if not self._gate_on:
+                gate.output_on()
+                self._gate_on = True
+                self.ledger.count("rf gate changes")
+            on = [nvm.read_voltage_v() for _ in range(self.n_avg)]
+            self.ledger.count("voltmeter readings", self.n_avg)
+            last = self._offset.get(chain)
+            now = self.lab.clock.now_s()
+            if last is None or now - last[0] > self.offset_reuse_s:
+                gate.output_off()
+                self._gate_on = False
+                off = [nvm.read_voltage_v() for _ in range(self.n_avg)]
+                self.ledger.count("voltmeter readings", self.n_avg)
+                self.ledger.count("rf gate changes")
+                last = self._offset[chain] = (self.lab.clock.now_s(), float(np.mean(off)))
+        return float(np.mean(on)) - last[1]
+
+    def _read(self, gate: Any, chain: int) -> float:
+        self._channel(chain)
         with self.ledger.on("voltmeter readings"):
             r = differential_measurement(gate, self.lab["voltmeter"], self.n_avg, sleep=self.lab.sleep)
             self.ledger.count("voltmeter readings", 2 * self.n_avg)
@@ -364,15 +423,29 @@ class Convolver:
 
     # ---- plans
 
-    def run(self, images: np.ndarray) -> MacResult:
-        """``images``: (N, H, W) input values in [0, 1]."""
+    def run(self, images: np.ndarray,
+            on_done: Callable[[range, np.ndarray, np.ndarray], None] | None = None) -> MacResult:
+        """``images``: (N, H, W) input values in [0, 1]. Each image's MACs use the V_max of the
+        optimisation before it. ``on_done(indices, mac, volts)`` is called as soon as images
+        are finished (after each block for the plan, each image for Algorithm 3), so a caller
+        can save them before the run ends."""
         images = np.asarray(images, float)
         n, h, w = images.shape
         k = len(self.chains)
         volts = np.zeros((n, k, h, w))
+        mac = np.zeros((n, k, h, w))
         measured = np.zeros((n, h, w), bool)
         per_image: list[float] = []
         patches = patches_2x2(images)
+
+        def done(idx: range) -> None:
+            sl = slice(idx.start, idx.stop)
+            v_max = np.array([c.v_max_v for c in self.chains])
+            mac[sl] = volts[sl] / v_max[None, :, None, None]
+            if on_done is not None:
+                on_done(idx, mac[sl], volts[sl])
+            self._tick(idx.stop, n)
+
         try:
             self.source.start()
             for b0 in range(0, n, self.every):
@@ -386,18 +459,16 @@ class Convolver:
                         ti = self.lab.clock.now_s()
                         self._algorithm3_image(patches[i], volts[i], measured[i])
                         per_image.append(self.lab.clock.now_s() - ti)
-                        self._tick(i + 1, n)
+                        done(range(i, i + 1))
                 else:
                     sl = slice(block.start, block.stop)
                     self._planned_block(patches[sl], volts[sl], measured[sl])
                     dt = (self.lab.clock.now_s() - t0) / len(block)
                     per_image += [dt] * len(block)
-                    self._tick(block[-1] + 1, n)
+                    done(block)
         finally:
             self.source.shutdown()
             self.lab["source_switch"].port = 0
-        v_max = np.array([c.v_max_v for c in self.chains])
-        mac = volts / v_max[None, :, None, None]
         return MacResult(mac, volts, measured, per_image, self.ledger.snapshot())
 
     def _tick(self, done: int, total: int) -> None:
@@ -407,6 +478,7 @@ class Convolver:
     def _algorithm3_image(self, patches: np.ndarray, volts: np.ndarray, measured: np.ndarray) -> None:
         """Algorithm 3 as written (module doc)."""
         gate = SourceGate(self.source)
+        self.reset_state()
         self.lab["source_switch"].port = self.source_port
         fixed, self.source.fixed_wait_s = self.source.fixed_wait_s, self.source.full_scale_wait_s()
         try:
@@ -417,7 +489,7 @@ class Convolver:
                     for c, chain in enumerate(self.chains):
                         self._move(chain.stage_z_mm)
                         self._select(chain.port)
-                        volts[c, g, hh] = self._read(gate)
+                        volts[c, g, hh] = self._read(gate, c)
                         self.ledger.count("chain measurements")
                     measured[g, hh] = True
         finally:
@@ -474,6 +546,7 @@ class Convolver:
         v_unique = np.zeros((len(unique), len(self.chains)))
         gate = SwitchGate(self.lab["source_switch"], on_port=self.source_port, off_port=0)
         self.lab["source_switch"].port = 0
+        self.reset_state()
         groups = self.groups()
         z_of = [float(np.mean([self.chains[c].stage_z_mm for c in g])) for g in groups]
         order = self.order_patches(unique)
@@ -482,9 +555,12 @@ class Convolver:
         self.ledger.count("blocks patch-major" if patch_major else "blocks group-major")
 
         def measure(j: int, group: list[int]) -> None:
-            for c in group:
+            # chains fed through one port (a splitter) are read on their voltmeter channels
+            # during the same RF-on period
+            for c in sorted(group, key=lambda c: (self.chains[c].port, self.chains[c].voltmeter_channel)):
                 self._select(self.chains[c].port)
-                v_unique[j, c] = self._read(gate)
+                v_unique[j, c] = self._read_planned(gate, c) if self.offset_reuse_s > 0 else \
+                    self._read(gate, c)
                 self.ledger.count("chain measurements")
 
         if patch_major:
@@ -513,6 +589,9 @@ def fit_v_max(conv: Convolver, patches: np.ndarray) -> dict[str, float]:
     100 sets of four inputs representative of the dataset). Measured patch by patch, each
     chain at its own z (RF on/off with the selector switch). Updates the chains."""
     lab, source, ledger = conv.lab, conv.source, conv.ledger
+    if not source.started:
+        raise RuntimeError("fit_v_max: start the source first (ToneSource.start; Convolver.run does it "
+                           "before calling reoptimise)")
     gate = SwitchGate(lab["source_switch"], on_port=conv.source_port, off_port=0)
     encoded = np.array([source.encode(p) for p in np.atleast_2d(patches)])
     encoded = encoded[encoded.sum(axis=1) > 0]
@@ -520,6 +599,7 @@ def fit_v_max(conv: Convolver, patches: np.ndarray) -> dict[str, float]:
         raise ValueError("fit_v_max needs at least two non-zero patches")
     volts = np.zeros((len(encoded), len(conv.chains)))
     lab["source_switch"].port = 0
+    conv.reset_state()
     groups = conv.groups()
     z_of = [float(np.mean([conv.chains[c].stage_z_mm for c in g])) for g in groups]
     for j in conv.order_patches(encoded):
@@ -528,7 +608,7 @@ def fit_v_max(conv: Convolver, patches: np.ndarray) -> dict[str, float]:
             conv._move(z)
             for c in g:
                 conv._select(conv.chains[c].port)
-                volts[j, c] = conv._read(gate)
+                volts[j, c] = conv._read(gate, c)
     out = {}
     for c, chain in enumerate(conv.chains):
         s = encoded @ np.asarray(chain.weights, float)

@@ -108,6 +108,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     bptt: str = "full"  # full | truncated | shifted (sine/square only)
     output_gain: float = 1000.0  # sine/square: gain before the sigmoid (thesis eq. 5.5)
+    # truncated/shifted BPTT: at most this many windows (weight updates) per epoch, taken
+    # every k-th window over the whole series; None: all windows
+    windows_per_epoch: int | None = None
     engine: str = "fast"
     max_rollbacks: int = 3  # per seed, on a non-finite loss
     eval_every: int = 1
@@ -193,6 +196,10 @@ def validate(cfg: RunConfig, source: str | None = None) -> RunConfig:
     _req(tr.bptt in BPTT_MODES, "train.bptt",
          f"unknown mode {tr.bptt!r}; allowed: {', '.join(BPTT_MODES)}", source)
     _pos(tr.output_gain, "train.output_gain", source)
+    if tr.windows_per_epoch is not None:
+        v = tr.windows_per_epoch
+        _req(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+             "train.windows_per_epoch", f"must be an integer >= 1 or null, got {v!r}", source)
     _req(tr.engine in ENGINES, "train.engine",
          f"unknown engine {tr.engine!r}; allowed: {', '.join(ENGINES)}", source)
     _req(tr.max_rollbacks >= 0, "train.max_rollbacks", "must be >= 0", source)

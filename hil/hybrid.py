@@ -60,6 +60,8 @@ class DeployConfig:
     seed: int = 0
     map_csv: str | None = None             # a reference map (else measured, virtual lab only)
     source_cal: str | None = None          # a source calibration (else measured)
+    ports: dict[str, int] | None = None    # chain -> output-switch port (default chain k: k + 1)
+    voltmeter_channels: dict[str, int] | None = None   # chain -> voltmeter channel (default 1)
 
     def check(self) -> None:
         for key in ("n_images", "every", "n_avg", "place_trials", "reopt_trials", "reopt_n_avg",
@@ -76,6 +78,12 @@ class DeployConfig:
             raise ConfigError("nplc", f"must be in [0.01, 50], got {self.nplc}")
         if not self.plans or any(p not in PLANS for p in self.plans):
             raise ConfigError("plans", f"choose from {', '.join(PLANS)}, got {self.plans!r}")
+        for key, allowed in (("ports", (1, 2, 3)), ("voltmeter_channels", (1, 2))):
+            for chain, value in (getattr(self, key) or {}).items():
+                if value not in allowed:
+                    raise ConfigError(f"{key}.{chain}", f"must be one of {allowed}, got {value!r}")
+        if self.group_um < 0:
+            raise ConfigError("group_um", f"must be >= 0, got {self.group_um}")
 
 
 def model_path_of(model: str | Path) -> Path:
@@ -203,15 +211,23 @@ def deploy(model: str | Path, cfg: DeployConfig, run: RunFolder, *, progress: bo
         # 3. placement
         chains = []
         by_name = {d.name: d for d in designs}
+        ports, channels = cfg.ports or {}, cfg.voltmeter_channels or {}
+        unknown = (set(ports) | set(channels)) - set(by_name)
+        if unknown:
+            raise ConfigError("ports", f"no chain called {', '.join(sorted(unknown))}; chains: "
+                              f"{', '.join(by_name)}")
         for k, d in enumerate(designs):
-            placed = place_chain(lab, k + 1, d, v_ref, rescale, float(p1.max()), stage_ref_mm=20.0,
+            port, channel = ports.get(d.name, k + 1), channels.get(d.name, 1)
+            lab["voltmeter"].channel = channel
+            placed = place_chain(lab, port, d, v_ref, rescale, float(p1.max()), stage_ref_mm=20.0,
                                  fine_span_mm=0.0, progress=say)
             z0 = placed["stage_z_mm"]
-            opt = optimise_z(lab, d, generator_one_hot(k + 1, d.freq_hz, n_avg=cfg.reopt_n_avg),
+            opt = optimise_z(lab, d, generator_one_hot(port, d.freq_hz, n_avg=cfg.reopt_n_avg),
                              np.diag(p1), p1, z0 - 0.03, z0 + 0.03, n_trials=cfg.place_trials, seed=cfg.seed)
             say(f"{d.name}: stage z {opt.stage_z_mm:.4f} mm (M {opt.m:.4f})")
-            chains.append(PlacedChain(d.name, k + 1, d.target_w, opt.stage_z_mm, opt.v_max_v))
-        results["placement"] = {c.name: {"stage_z_mm": c.stage_z_mm} for c in chains}
+            chains.append(PlacedChain(d.name, port, d.target_w, opt.stage_z_mm, opt.v_max_v, channel))
+        results["placement"] = {c.name: {"stage_z_mm": c.stage_z_mm, "port": c.port,
+                                         "voltmeter_channel": c.voltmeter_channel} for c in chains}
         rng = np.random.default_rng(cfg.seed)
         train_p = patches_2x2(split.x_train[:, 0].numpy()).reshape(-1, len(freqs))
         train_p = np.unique(train_p[train_p.sum(axis=1) > 0], axis=0)
@@ -244,6 +260,7 @@ def deploy(model: str | Path, cfg: DeployConfig, run: RunFolder, *, progress: bo
                            history: list[dict[str, Any]] = history) -> None:
                 for c in chains:
                     d = by_name[c.name]
+                    lab["voltmeter"].channel = c.voltmeter_channel
                     opt = optimise_z(lab, d, generator_one_hot(c.port, d.freq_hz, n_avg=cfg.reopt_n_avg),
                                      np.diag(p1), p1, c.stage_z_mm - cfg.reopt_window_mm,
                                      c.stage_z_mm + cfg.reopt_window_mm, n_trials=cfg.reopt_trials,
@@ -258,16 +275,24 @@ def deploy(model: str | Path, cfg: DeployConfig, run: RunFolder, *, progress: bo
             bar = _bar(count, f"{PLAN_TITLES[plan]}") if progress else None
             conv.progress = (lambda done, total, bar=bar: bar.update(done - bar.n)) if bar else None
             images = x[:count, 0].numpy()
+
+            def save(idx: range, mac: np.ndarray, volts: np.ndarray, plan: str = plan) -> None:
+                """Each finished image goes to metrics.jsonl at once (a crash loses nothing done)."""
+                with torch.no_grad():
+                    pred = net.head(torch.as_tensor(mac, dtype=torch.float32)).argmax(1).numpy()
+                for j, i in enumerate(idx):
+                    run.append_metrics({"plan": plan, "image": i, "label": int(y[i]),
+                                        "hardware": int(pred[j]), "software": int(sw_pred[i]),
+                                        "lab_clock_s": lab.clock.now_s(),
+                                        "volts": volts[j].round(12).tolist()})
+
             try:
-                res = conv.run(images)
+                res = conv.run(images, on_done=save)
             finally:
                 if bar is not None:
                     bar.close()
             with torch.no_grad():
                 hw_pred = net.head(torch.as_tensor(res.mac, dtype=torch.float32)).argmax(1).numpy()
-            for i in range(count):
-                run.append_metrics({"plan": plan, "image": i, "label": int(y[i]), "hardware": int(hw_pred[i]),
-                                    "software": int(sw_pred[i]), "lab_s": res.lab_s_per_image[i]})
             np.savez_compressed(run.file(f"mac_{plan}.npz"), mac_hw=res.mac, volts=res.volts,
                                 measured=res.measured, mac_sw=mac_sw[:count], labels=y[:count])
             ledger_data = res.ledger
@@ -287,6 +312,7 @@ def deploy(model: str | Path, cfg: DeployConfig, run: RunFolder, *, progress: bo
             say(f"{PLAN_TITLES[plan]}: hardware accuracy {100 * plans[plan]['accuracy']:.1f} % on {count} "
                 f"images, lab time {plans[plan]['lab_s_per_image']:.0f} s per image")
             plans[plan]["mac_stats"] = _mac_report(res, mac_sw[:count], x[:count, 0].numpy(), run, plan)
+            _plot_positions(history, cfg.every, run.file(f"positions_{plan}.png"), PLAN_TITLES[plan])
         results["plans"] = plans
         results["lab_time_total_s"] = lab.clock.now_s()
     if "planned" in plans and "algorithm3" in plans:
@@ -326,6 +352,29 @@ def _mac_report(res: Any, mac_sw: np.ndarray, images: np.ndarray, run: RunFolder
     return stats
 
 
+def _plot_positions(history: list[dict[str, Any]], every: int, path: Path, title: str) -> None:
+    """Thesis Fig. 4.8 b-c: each chain's optimal z and V_max at every re-optimisation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    images = [every * i for i in range(len(history))]
+    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for name in history[0]["z_mm"]:
+        z = np.array([h["z_mm"][name] for h in history])
+        a.plot(images, 1e3 * (z - z[0]), "o-", label=name)
+        b.plot(images, [1e6 * h["v_max_v"][name] for h in history], "o-", label=name)
+    a.set(ylabel="optimal z - first (um)", title=f"position optimisation, {title}")
+    b.set(ylabel="V_max (uV per unit weight)", xlabel="image")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _figures(results: dict[str, Any], confusions: dict[str, np.ndarray], split: Any, run: RunFolder) -> None:
     from hil.conv_report import plot_confusions, plot_lab_time
 
@@ -356,6 +405,7 @@ def _markdown(results: dict[str, Any], run: RunFolder) -> None:
         sections["Measurement plan vs Algorithm 3 as written"] = {k: round(v, 2)
                                                                   for k, v in results["speedup"].items()}
     sections["Files"] = ["results.json", "confusion.png", "lab_time.png", "mac_<plan>.png",
-                         "convolved_<plan>.png", "mac_<plan>.npz", "chain_design.json", "metrics.jsonl"]
+                         "convolved_<plan>.png", "positions_<plan>.png", "mac_<plan>.npz",
+                         "chain_design.json", "metrics.jsonl"]
     write_report_markdown(run.file("report.md"), sections,
                           title="Hybrid convolutional network on spin-diode chains")

@@ -127,7 +127,8 @@ class Trainer:
             raise ValueError("one model config, train config and seed per trial")
         t0 = train_cfgs[0]
         for tc in train_cfgs[1:]:
-            for key in ("epochs", "batch_size", "bptt", "engine", "output_gain"):
+            for key in ("epochs", "batch_size", "bptt", "engine", "output_gain",
+                        "windows_per_epoch"):
                 if getattr(tc, key) != getattr(t0, key):
                     raise ConfigError(f"train.{key}", "must be equal across trials run together")
         if task.name != "sine_square" and t0.bptt != "full":
@@ -237,12 +238,20 @@ class Trainer:
             loss, metric, _ = self._update(x, y, epoch)
             return loss, metric
         losses, metrics, n = torch.zeros(self.K), torch.zeros(self.K), 0
+        cap = self.tcfg.windows_per_epoch
         if mode == "truncated":
             # windows of w points, shifted by one more point every epoch (thesis 5.7.4)
             off = epoch % w
             with torch.no_grad():
                 _, state = self.net(x[:, :off]) if off else (None, self.net.initial_state(1))
-            for s in range(off, T - w + 1, w):
+            starts = list(range(off, T - w + 1, w))
+            # windows_per_epoch: every k-th window; the state runs through the skipped ones
+            k = -(-len(starts) // cap) if cap else 1
+            for j, s in enumerate(starts):
+                if j % k:
+                    with torch.no_grad():
+                        _, state = self.net(x[:, s : s + w], state)
+                    continue
                 loss, metric, state = self._update(x[:, s : s + w], y[:, s : s + w], epoch, state)
                 losses += loss.nan_to_num(0.0)
                 metrics += metric
@@ -250,14 +259,17 @@ class Trainer:
             return losses / max(n, 1), metrics / max(n, 1)
         # shifted start (eq. 5.11): window i covers points i..i+w-1; its start state is the
         # previous window's start state advanced by one point with the updated parameters.
+        # windows_per_epoch: windows every k points, the start state advanced by k points.
+        n_win = T - w + 1
+        k = -(-n_win // cap) if cap else 1
         start = self.net.initial_state(1)
-        for s in range(0, T - w + 1):
+        for s in range(0, n_win, k):
             loss, metric, _ = self._update(x[:, s : s + w], y[:, s : s + w], epoch, start)
             losses += loss.nan_to_num(0.0)
             metrics += metric
             n += 1
             with torch.no_grad():
-                _, start = self.net(x[:, s : s + 1], start)
+                _, start = self.net(x[:, s : s + k], start)
         return losses / n, metrics / n
 
     def fit(self) -> TrainResult:

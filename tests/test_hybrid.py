@@ -28,7 +28,8 @@ def test_deploy_runs_the_procedure_and_reports(runs_dir, capsys):
     assert "less lab time" in out and "report:" in out
     (run,) = [p for p in runs_dir.iterdir() if p.name.endswith("conv-deploy")]
     for name in ("report.md", "results.json", "confusion.png", "lab_time.png", "mac_planned.png",
-                 "mac_algorithm3.png", "convolved_planned.png", "chain_design.json", "mac_planned.npz",
+                 "mac_algorithm3.png", "convolved_planned.png", "positions_planned.png",
+                 "chain_design.json", "mac_planned.npz",
                  "instruments.json", "config.yaml", "metrics.jsonl", "reference_map.csv",
                  "source_calibration.json"):
         assert (run / name).exists(), name

@@ -214,3 +214,65 @@ def test_bad_arguments():
         ToneSource(None, None, None, None, tau_s=0.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="plan"):
         Convolver(None, None, [], None, plan="fastest")  # type: ignore[arg-type]
+
+
+SPLITTER = {"rf": {"output_switch": {"switch": "sp4t", "ports": {1: ["chain0", "chain1"], 2: "chain1",
+                                                                 3: "chain2", 4: "fsv"}}},
+            "sample": {"devices": {"chain1": {"voltmeter_channel": 2}}}}
+
+
+def test_splitter_feeds_two_chains_with_half_the_power_each():
+    from sims.virtual_lab.config import WorldConfigError
+    from sims.virtual_lab.world import SPLITTER_EXCESS
+
+    world = World.from_file("thesis_bench.yaml", seed=SEED, overrides=SPLITTER)
+    smb, sp4t = world.instruments["smb"], world.instruments["sp4t"]
+    smb.output, smb.freq_hz, smb.power_dbm = True, 2.25e9, 10.0
+    world.instruments["source_sel"].state = 2
+    sp4t.state = 1
+    f0, p0 = world.tones_at("chain0")
+    f1, p1 = world.tones_at("chain1")
+    sp4t.state = 2
+    _, alone = world.tones_at("chain1")
+    assert len(f0) == len(f1) == 1 and p0[0] > 0
+    assert p1[0] == pytest.approx(alone[0] * SPLITTER_EXCESS / 2, rel=0.2)  # ports differ a little
+    assert world.tones_at("chain2")[1][0] < 1e-4 * p0[0]  # only the switch's 50 dB isolation leaks
+    bad = {"rf": {"output_switch": {"switch": "sp4t", "ports": {1: ["chain0", "nowhere"]}}}}
+    with pytest.raises(WorldConfigError, match="splitter"):
+        World.from_file("thesis_bench.yaml", seed=SEED, overrides=bad)
+
+
+def test_chains_behind_a_splitter_are_read_on_their_channels_in_one_rf_period(bench):
+    designs, cal, rescale = bench["designs"], bench["cal"], bench["rescale"]
+    overrides = virtual_lab_overrides(designs)
+    overrides["rf"] = SPLITTER["rf"]
+    overrides["sample"]["devices"]["chain1"]["voltmeter_channel"] = 2
+    world = World.from_file("thesis_bench.yaml", seed=SEED, overrides=overrides)
+    tones = ToneMap.fit(cal, [1, 2, 3, 4], FREQS, rescale(np.array(FREQS)))
+    with open_lab(LAB, world=world) as lab:
+        lab["voltmeter"].configure_voltage(nplc=5)
+        chains = []
+        for d, port, ch in zip(designs, (1, 1, 3), (1, 2, 1), strict=True):
+            lab["voltmeter"].channel = ch
+            placed = place_chain(lab, port, d, bench["map"].interpolator(), rescale, max(tones.p_x1_mw),
+                                 stage_ref_mm=20.0, fine_span_mm=0.0)
+            chains.append(PlacedChain(d.name, port, list(d.target_w), placed["stage_z_mm"], 1e-6, ch))
+        led = Ledger(lab.clock.now_s)
+        conv = Convolver(lab, ToneSource(lab, cal, tones, led, tau_s=1.0), chains, led, group_um=60.0)
+        assert conv.groups() == [[0, 1], [2]] or conv.groups() == [[1, 0], [2]]
+        calib = patches_2x2(digit_images(2)).reshape(-1, 4)[::5][:12]
+        with pytest.raises(RuntimeError, match="start the source"):
+            fit_v_max(conv, calib)
+        conv.reoptimise = lambda lab, ch, led: fit_v_max(conv, calib)
+        res = conv.run(digit_images(1))
+    ops = res.ledger["ops"]
+    n = ops["chain measurements"] // 3
+    # per patch: chain0 and chain1 share the port (no switch change between them) and are
+    # read on channels 1 and 2; chain2 needs its own port
+    assert ops["voltmeter channel changes"] >= n and ops["switch changes"] <= 2 * n + 2
+    w = np.array([c.weights for c in chains])
+    ideal = np.einsum("hwi,ki->khw", patches_2x2(digit_images(1))[0], w)
+    core = res.measured[0]
+    for k in range(3):
+        corr = np.corrcoef(res.mac[0, k][core], ideal[k][core])[0, 1]
+        assert corr > 0.9, (k, corr)

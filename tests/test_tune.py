@@ -69,13 +69,15 @@ def test_killed_search_resumes(runs_dir):
     deadline = time.time() + 600  # generous: a loaded CI machine starts Python slowly
     folder = None
     done: list = []
+    last_error = None
     while time.time() < deadline:
         dirs = list(runs_dir.iterdir()) if runs_dir.exists() else []
         if dirs and (dirs[0] / "study.db").exists():
             folder = dirs[0]
             try:
                 done = _study(folder).get_trials(states=(TrialState.COMPLETE,))
-            except Exception:  # study not created yet
+            except Exception as exc:  # study not created yet, or the database busy
+                last_error = exc
                 done = []
             if len(done) >= 2:
                 break
@@ -84,7 +86,8 @@ def test_killed_search_resumes(runs_dir):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert folder is not None and done, "the search never completed two trials before the deadline"
+    assert folder is not None and done, ("the search never completed two trials before the deadline "
+                                         f"or its own end (last read error: {last_error!r})")
     before = len(_study(folder).get_trials(states=(TrialState.COMPLETE,)))
     assert 2 <= before < 20
     time.sleep(6)  # past the grace period for a trial killed before its worker tagged it

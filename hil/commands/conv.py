@@ -164,6 +164,22 @@ def _plot_kernels(kernels: np.ndarray, path: Any) -> None:
     plt.close(fig)
 
 
+def _chain_map(text: str | None, what: str) -> dict[str, int] | None:
+    """``chain0=1,chain1=2`` -> {"chain0": 1, "chain1": 2}."""
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = int(value)
+        except ValueError:
+            raise ConfigError(what, f"expected chain=number[,chain=number...], got {text!r}") from None
+    return out
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from hil.hybrid import DeployConfig, deploy, model_path_of
 
@@ -171,7 +187,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     cfg = DeployConfig(lab=args.lab, n_images=args.images, plans=plans,
                        algorithm3_images=args.algorithm3_images, every=args.every, n_avg=args.n_avg,
                        nplc=args.nplc, eps=args.eps, noisy_repeats=args.noisy_repeats, seed=args.seed,
-                       map_csv=args.map, source_cal=args.source_cal)
+                       map_csv=args.map, source_cal=args.source_cal, group_um=args.group_um,
+                       ports=_chain_map(args.ports, "--ports"),
+                       voltmeter_channels=_chain_map(args.voltmeter_channels, "--voltmeter-channels"))
     cfg.check()
     if not Path(args.lab).exists():
         raise ConfigError("lab", f"{args.lab} does not exist")
@@ -242,6 +260,11 @@ def register(sub: Any) -> None:
     de.add_argument("--noisy-repeats", type=int, default=1000, help="noisy software passes per image")
     de.add_argument("--map", help="reference_map.csv (default: measured on the virtual lab)")
     de.add_argument("--source-cal", help="source_calibration.json (default: measured)")
+    de.add_argument("--ports", help="output-switch port of each chain, e.g. chain0=1,chain1=1,chain2=3 "
+                    "(two chains on one port: a splitter; default chain k on port k+1)")
+    de.add_argument("--voltmeter-channels", help="voltmeter channel of each chain, e.g. chain1=2 (default 1)")
+    de.add_argument("--group-um", type=float, default=3.0,
+                    help="chains whose optimal z agree within this share one stage position")
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     de.set_defaults(func=cmd_deploy)

@@ -377,9 +377,15 @@ def _rf(source: str, given: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[s
                 raise WorldConfigError(source, f"rf.{switch_key}", "must be {switch: <a "
                                        "minicircuits_rc_1sp4t instrument>, ports: {1..4: name}}")
             for port, name in sw["ports"].items():
-                if port not in (1, 2, 3, 4) or name not in names:
+                # on the output side a port may feed several devices through a splitter
+                split = side == "sink" and isinstance(name, list) and len(name) >= 2 \
+                    and len(set(name)) == len(name) and all(n in names for n in name)
+                if port not in (1, 2, 3, 4) or not (split or (isinstance(name, str) and name in names)):
+                    also = " (or a list of devices behind a splitter)" if side == "sink" else ""
                     raise WorldConfigError(source, f"rf.{switch_key}.ports.{port}",
-                                           f"ports are 1-4 and each names {what}: "
+                                           f"ports are 1-4 and each names {what}{also}: "
                                            f"{', '.join(sorted(names))}")
-            out[switch_key] = {"switch": sw["switch"], "ports": dict(sw["ports"])}
+            out[switch_key] = {"switch": sw["switch"],
+                               "ports": {p: (list(n) if isinstance(n, list) else n)
+                                         for p, n in sw["ports"].items()}}
     return out

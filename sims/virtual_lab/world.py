@@ -52,6 +52,8 @@ MODELS: dict[str, type[InstrumentModel]] = {
 }
 
 EMPTY = (np.zeros(0), np.zeros(0))
+#: a resistive splitter's loss beyond the 1/n division (0.5 dB)
+SPLITTER_EXCESS = 10 ** (-0.05)
 
 
 class World:
@@ -186,15 +188,19 @@ class World:
         wiring = self.rf["output_switch"]
         if wiring is None:
             return EMPTY
-        ports = [p for p, name in wiring["ports"].items() if name == sink]
-        if not ports:
+        # a port names one sink, or several behind a resistive power splitter (1/n each, and
+        # the splitter's excess loss)
+        share = {p: (1.0 if name == sink else SPLITTER_EXCESS / len(name))
+                 for p, name in wiring["ports"].items()
+                 if name == sink or (isinstance(name, list) and sink in name)}
+        if not share:
             return EMPTY
         f, p = self.common_tones() if common is None else common
         if not len(f):
             return EMPTY
         switch = self.instruments[wiring["switch"]]
         assert isinstance(switch, Rc1sp4tModel)
-        return f, p * sum(switch.ratio(port, f) for port in ports)
+        return f, p * sum(k * switch.ratio(port, f) for port, k in share.items())
 
     # ---- DC side
 
