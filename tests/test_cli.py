@@ -53,3 +53,13 @@ def test_design_rules_warn_outside_the_rules(capsys):
     assert main(["design", "--set", "model.dt_ns=20", "--set", "model.tau_ns=5"]) == 0
     out = capsys.readouterr().out
     assert "not shorter than the relaxation time" in out
+
+
+def test_train_reports_when_every_seed_failed(runs_dir, capsys):
+    """A run whose every seed diverges still ends cleanly, with the failed seeds named."""
+    assert main(["train", "--task", "digits", "--epochs", "1", "--set", "model.S_in=500",
+                 "--set", "model.substeps=1", "--set", "train.max_rollbacks=0", "--set", "model.n_hidden=4",
+                 "--set", "model.n_layers=1", "--set", "train.batch_size=400", "--seeds", "0",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "every seed failed" in out and "failed seeds (not in the summary): [0]" in out

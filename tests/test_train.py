@@ -102,3 +102,28 @@ def test_summary():
     s = summarize([0.8, 0.9, 1.0])
     assert s["median"] == 0.9 and s["min"] == 0.8 and s["n"] == 3
     assert s["std"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("mode,cap,expected", [("shifted", 4, 3), ("shifted", 3, 3), ("shifted", None, 9),
+                                                ("truncated", 1, 1)])
+def test_windows_per_epoch_limits_updates(mode, cap, expected):
+    """train.windows_per_epoch: at most that many windows (weight updates) per epoch."""
+    task = SineSquare(TaskConfig(n_periods=2, window=8))  # 16 points: 9 shifted windows
+    mc = ModelConfig(n_layers=1, n_hidden=2, tau_ns=2.0, S=1.0)
+    tc = TrainConfig(epochs=1, lr0=0.02, bptt=mode, output_gain=10.0, windows_per_epoch=cap)
+    tr = Trainer([mc], [tc], [0], task, progress=False)
+    calls = []
+    update = tr._update
+    tr._update = lambda *a, **kw: calls.append(1) or update(*a, **kw)
+    tr.fit()
+    assert len(calls) == expected
+
+
+def test_windows_per_epoch_validated():
+    from hil.config import RunConfig, validate
+    from hil.errors import ConfigError
+
+    for bad in (0, -3, 2.5, True):
+        cfg = RunConfig(train=TrainConfig(windows_per_epoch=bad))
+        with pytest.raises(ConfigError, match="train.windows_per_epoch"):
+            validate(cfg)

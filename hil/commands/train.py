@@ -112,9 +112,13 @@ def run(args: argparse.Namespace) -> int:
     summary = train_run(cfg, folder, progress=not args.no_progress)
     s = summary["test"]
     metric = summary["metric"]
-    print(f"\n{cfg.task.name} / {cfg.model.neuron}: test {metric} over {s['n']} seed(s): "
-          f"median {100 * s['median']:.2f} %, mean {100 * s['mean']:.2f} ± {100 * s['std']:.2f} %, "
-          f"quartiles {100 * s['q25']:.2f}-{100 * s['q75']:.2f} %")
+    if s.get("n", 0) and "median" in s:
+        print(f"\n{cfg.task.name} / {cfg.model.neuron}: test {metric} over {s['n']} seed(s): "
+              f"median {100 * s['median']:.2f} %, mean {100 * s['mean']:.2f} ± {100 * s['std']:.2f} %, "
+              f"quartiles {100 * s['q25']:.2f}-{100 * s['q75']:.2f} %")
+    else:
+        print(f"\n{cfg.task.name} / {cfg.model.neuron}: every seed failed, no test {metric} to summarise "
+              "(see metrics.jsonl and the warnings below)")
     if summary["failed_seeds"]:
         print(f"failed seeds (not in the summary): {summary['failed_seeds']}")
     for w in summary["design_rules"]["warnings"]:
