@@ -401,6 +401,10 @@ def _markdown(results: dict[str, Any], run: RunFolder) -> None:
             PLAN_TITLES[k]: {o: round(c, 1) for o, c in _instrument_ops(v).items()}
             for k, v in results["plans"].items()},
     }
+    sections["MAC error on image cores (RMS of hardware - software, relative to the software RMS)"] = {
+        PLAN_TITLES[k]: {name: round(st["core"]["rel_rms"], 3) for name, st in v["mac_stats"].items()
+                         if st["core"]["rel_rms"] is not None}
+        for k, v in results["plans"].items()}
     if "speedup" in results:
         sections["Measurement plan vs Algorithm 3 as written"] = {k: round(v, 2)
                                                                   for k, v in results["speedup"].items()}
