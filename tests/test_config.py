@@ -93,3 +93,13 @@ def test_preset_file_then_overrides(tmp_path):
     assert cfg.train.epochs == 3
     assert cfg.seeds == [0, 1, 2]
     assert cfg.preset == "digits_paper"
+
+
+def test_every_shipped_preset_loads_and_validates():
+    from hil.config import preset_names
+
+    names = preset_names()
+    assert {"digits", "digits_paper", "sine_square", "flipflop"} <= set(names)
+    for name in names:
+        cfg = load_config(preset=name)
+        assert cfg.seeds and cfg.train.epochs >= 1, name
