@@ -52,6 +52,8 @@ def test_deploy_runs_the_procedure_and_reports(runs_dir, capsys):
     (["--plans", "fastest"], "plans"),
     (["--eps", "2"], "eps"),
     (["--lab", "no/such/lab.yaml"], "lab"),
+    (["--ports", "chain0=1.5"], "--ports"),
+    (["--voltmeter-channels", "chain1=3"], "voltmeter_channels"),
 ])
 def test_deploy_bad_arguments_exit_2(runs_dir, capsys, tmp_path, args, words):
     model = tmp_path / "m"

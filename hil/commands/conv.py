@@ -165,19 +165,15 @@ def _plot_kernels(kernels: np.ndarray, path: Any) -> None:
 
 
 def _chain_map(text: str | None, what: str) -> dict[str, int] | None:
-    """``chain0=1,chain1=2`` -> {"chain0": 1, "chain1": 2}."""
+    """``chain0=1,chain1=2`` -> {"chain0": 1, "chain1": 2} (whole numbers only)."""
     if not text:
         return None
-    out = {}
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            out[name.strip()] = int(value)
-        except ValueError:
-            raise ConfigError(what, f"expected chain=number[,chain=number...], got {text!r}") from None
-    return out
+    from hil.commands.calibrate import _pairs
+
+    pairs = _pairs(text, what)
+    if not all(float(v).is_integer() for v in pairs.values()):
+        raise ConfigError(what, f"expected whole numbers, got {text!r}")
+    return {k: int(v) for k, v in pairs.items()}
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
