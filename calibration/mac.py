@@ -507,6 +507,21 @@ class Convolver:
                 groups.append([c])
         return groups
 
+    def z_groups(self) -> list[tuple[list[int], float]]:
+        """``groups()`` with the stage z each is measured at (the mean of its chains' optima)."""
+        return [(g, float(np.mean([self.chains[c].stage_z_mm for c in g]))) for g in self.groups()]
+
+    def _measure_group(self, j: int, group: list[int], out: np.ndarray, read: Callable[[int], float],
+                       count: bool = True) -> None:
+        """Read every chain of a z group for patch ``j`` (the source already set). Chains fed
+        through one port (a splitter) are read on their voltmeter channels during the same
+        RF-on period."""
+        for c in sorted(group, key=lambda c: (self.chains[c].port, self.chains[c].voltmeter_channel)):
+            self._select(self.chains[c].port)
+            out[j, c] = read(c)
+            if count:
+                self.ledger.count("chain measurements")
+
     def order_patches(self, unique: np.ndarray) -> list[int]:
         """Greedy nearest neighbour in amplifier voltages (largest channel change), from the
         source's present state: consecutive patches need small changes, so short waits."""
@@ -535,7 +550,7 @@ class Convolver:
         cheaper.
         """
         flat = patches.reshape(-1, patches.shape[-1])
-        encoded = np.array([self.source.encode(p) for p in flat])
+        encoded = self.source.encode(flat)
         self.source.clipped += int(np.sum((flat > 0) & (np.abs(encoded - flat) > 1e-12)))
         nonzero = encoded.sum(axis=1) > 0
         unique, inverse = np.unique(encoded[nonzero], axis=0, return_inverse=True)
@@ -547,34 +562,27 @@ class Convolver:
         gate = SwitchGate(self.lab["source_switch"], on_port=self.source_port, off_port=0)
         self.lab["source_switch"].port = 0
         self.reset_state()
-        groups = self.groups()
-        z_of = [float(np.mean([self.chains[c].stage_z_mm for c in g])) for g in groups]
+        groups = self.z_groups()
         order = self.order_patches(unique)
         settle_s = 0.5 * self.source.full_scale_wait_s()  # a typical ordered step (log scale)
         patch_major = len(groups) > 1 and (len(groups) - 1) * settle_s > len(groups) * 2 * self._move_s()
         self.ledger.count("blocks patch-major" if patch_major else "blocks group-major")
 
-        def measure(j: int, group: list[int]) -> None:
-            # chains fed through one port (a splitter) are read on their voltmeter channels
-            # during the same RF-on period
-            for c in sorted(group, key=lambda c: (self.chains[c].port, self.chains[c].voltmeter_channel)):
-                self._select(self.chains[c].port)
-                v_unique[j, c] = self._read_planned(gate, c) if self.offset_reuse_s > 0 else \
-                    self._read(gate, c)
-                self.ledger.count("chain measurements")
+        def read(c: int) -> float:
+            return self._read_planned(gate, c) if self.offset_reuse_s > 0 else self._read(gate, c)
 
         if patch_major:
             for j in order:
                 self.source.apply(unique[j])
-                for g, z in zip(groups, z_of, strict=True):
+                for g, z in groups:
                     self._move(z)
-                    measure(j, g)
+                    self._measure_group(j, g, v_unique, read)
         else:
-            for g, z in zip(groups, z_of, strict=True):
+            for g, z in groups:
                 self._move(z)
                 for j in order:
                     self.source.apply(unique[j])
-                    measure(j, g)
+                    self._measure_group(j, g, v_unique, read)
         out = np.zeros((len(flat), len(self.chains)))
         out[np.flatnonzero(nonzero)] = v_unique[inverse]
         n, h, w = patches.shape[:3]
@@ -593,22 +601,19 @@ def fit_v_max(conv: Convolver, patches: np.ndarray) -> dict[str, float]:
         raise RuntimeError("fit_v_max: start the source first (ToneSource.start; Convolver.run does it "
                            "before calling reoptimise)")
     gate = SwitchGate(lab["source_switch"], on_port=conv.source_port, off_port=0)
-    encoded = np.array([source.encode(p) for p in np.atleast_2d(patches)])
+    encoded = source.encode(np.atleast_2d(patches))
     encoded = encoded[encoded.sum(axis=1) > 0]
     if len(encoded) < 2:
         raise ValueError("fit_v_max needs at least two non-zero patches")
     volts = np.zeros((len(encoded), len(conv.chains)))
     lab["source_switch"].port = 0
     conv.reset_state()
-    groups = conv.groups()
-    z_of = [float(np.mean([conv.chains[c].stage_z_mm for c in g])) for g in groups]
+    groups = conv.z_groups()
     for j in conv.order_patches(encoded):
         source.apply(encoded[j])
-        for g, z in zip(groups, z_of, strict=True):
+        for g, z in groups:
             conv._move(z)
-            for c in g:
-                conv._select(conv.chains[c].port)
-                volts[j, c] = conv._read(gate, c)
+            conv._measure_group(j, g, volts, lambda c: conv._read(gate, c), count=False)
     out = {}
     for c, chain in enumerate(conv.chains):
         s = encoded @ np.asarray(chain.weights, float)

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: thesis 4.3.2 / table 3.1: kernel input i -> RF frequency
-THESIS_FREQS_HZ = (1.75e9, 2.25e9, 2.75e9, 3.25e9)
+from calibration.chain import THESIS_FREQS_HZ  # thesis 4.3.2 / table 3.1: kernel input i -> f_i
+
+__all__ = ["THESIS_FREQS_HZ"]  # re-exported: the default frequency of each kernel input
 KERNEL_SIZE = 2
 
 

@@ -108,9 +108,19 @@ def _dataset_of(model_path: Path, meta: dict[str, Any]) -> tuple[str, str | None
     return str(name or "digits"), data_dir
 
 
+def reference_plan() -> Any:
+    """The reference-map sweep of a virtual deploy: the three reference devices on switch
+    ports 1-3, stage z 17.5-22.5 mm every 0.25 mm, 1-5 GHz every 50 MHz, 16 dBm."""
+    from calibration.reference import SweepPlan
+
+    return SweepPlan(devices={"ref0": 1, "ref1": 2, "ref2": 3},
+                     stage_z_mm=np.round(np.arange(17.5, 22.51, 0.25), 4).tolist(),
+                     freq_hz=np.arange(1.0e9, 5.0001e9, 50e6).tolist(), power_dbm=16.0)
+
+
 def _measure_map(cfg: DeployConfig, lab_cfg: Any, run: RunFolder, say: Any) -> Path:
     """The reference map on the virtual lab's reference sample (a separate chip, thesis 3.5.1)."""
-    from calibration.reference import SweepPlan, measure_reference_map
+    from calibration.reference import measure_reference_map
     from hil.commands.calibrate import REFERENCE_SAMPLE
     from hil.lab import open_lab
     from sims.virtual_lab import World
@@ -120,9 +130,7 @@ def _measure_map(cfg: DeployConfig, lab_cfg: Any, run: RunFolder, say: Any) -> P
         raise ConfigError("--map", "a real bench needs a measured reference map (hil calibrate reference)")
     world = World.from_file(lab_cfg.virtual.world, seed=lab_cfg.virtual.seed,
                             overrides=deep_merge(dict(lab_cfg.virtual.overrides), REFERENCE_SAMPLE))
-    plan = SweepPlan(devices={"ref0": 1, "ref1": 2, "ref2": 3},
-                     stage_z_mm=np.round(np.arange(17.5, 22.51, 0.25), 4).tolist(),
-                     freq_hz=np.arange(1.0e9, 5.0001e9, 50e6).tolist(), power_dbm=16.0)
+    plan = reference_plan()
     path = run.file("reference_map.csv")
     say("reference map: 3 reference devices, 21 z x 81 frequencies")
     with open_lab(lab_cfg, world=world) as lab:
@@ -132,7 +140,13 @@ def _measure_map(cfg: DeployConfig, lab_cfg: Any, run: RunFolder, say: Any) -> P
 
 def deploy(model: str | Path, cfg: DeployConfig, run: RunFolder, *, progress: bool = True) -> dict[str, Any]:
     """Run the whole procedure (module doc); returns the results written to ``results.json``."""
-    from calibration.chain import design_chains, place_chain, virtual_lab_overrides, write_design
+    from calibration.chain import (
+        THESIS_FREQS_HZ,
+        design_chains,
+        place_chain,
+        virtual_lab_overrides,
+        write_design,
+    )
     from calibration.mac import Convolver, Ledger, PlacedChain, ToneMap, ToneSource, fit_v_max, patches_2x2
     from calibration.position import generator_one_hot, optimise_z
     from calibration.reference import ReferenceMap, rescaled_power
@@ -158,7 +172,7 @@ def deploy(model: str | Path, cfg: DeployConfig, run: RunFolder, *, progress: bo
     y = split.y_test[:n].numpy()
     kernels = net.kernels()
     freqs = [float(f) for f in json.loads((model_path.parent / "kernels.json").read_text())["freq_hz"]] \
-        if (model_path.parent / "kernels.json").exists() else [1.75e9, 2.25e9, 2.75e9, 3.25e9]
+        if (model_path.parent / "kernels.json").exists() else list(THESIS_FREQS_HZ)
     run.write_config({"model": str(model_path), "dataset": dataset, "deploy": asdict(cfg)})
     lab_cfg = load_lab_config(cfg.lab)
 
@@ -216,14 +230,21 @@ def deploy(model: str | Path, cfg: DeployConfig, run: RunFolder, *, progress: bo
         if unknown:
             raise ConfigError("ports", f"no chain called {', '.join(sorted(unknown))}; chains: "
                               f"{', '.join(by_name)}")
+
+        def align(d: Any, port: int, channel: int, z_mm: float, window_mm: float, n_trials: int,
+                  seed: int) -> Any:
+            """Algorithm 2 for one chain: Optuna over z in z_mm +- window_mm, single generator
+            tones at the x = 1 powers, read on the chain's voltmeter channel."""
+            lab["voltmeter"].channel = channel
+            return optimise_z(lab, d, generator_one_hot(port, d.freq_hz, n_avg=cfg.reopt_n_avg), np.diag(p1),
+                              p1, z_mm - window_mm, z_mm + window_mm, n_trials=n_trials, seed=seed)
+
         for k, d in enumerate(designs):
             port, channel = ports.get(d.name, k + 1), channels.get(d.name, 1)
             lab["voltmeter"].channel = channel
             placed = place_chain(lab, port, d, v_ref, rescale, float(p1.max()), stage_ref_mm=20.0,
                                  fine_span_mm=0.0, progress=say)
-            z0 = placed["stage_z_mm"]
-            opt = optimise_z(lab, d, generator_one_hot(port, d.freq_hz, n_avg=cfg.reopt_n_avg),
-                             np.diag(p1), p1, z0 - 0.03, z0 + 0.03, n_trials=cfg.place_trials, seed=cfg.seed)
+            opt = align(d, port, channel, placed["stage_z_mm"], 0.03, cfg.place_trials, cfg.seed)
             say(f"{d.name}: stage z {opt.stage_z_mm:.4f} mm (M {opt.m:.4f})")
             chains.append(PlacedChain(d.name, port, d.target_w, opt.stage_z_mm, opt.v_max_v, channel))
         results["placement"] = {c.name: {"stage_z_mm": c.stage_z_mm, "port": c.port,
@@ -259,12 +280,8 @@ def deploy(model: str | Path, cfg: DeployConfig, run: RunFolder, *, progress: bo
             def reoptimise(lab: Any, chains: list[Any], ledger: Any, conv: Any = conv,
                            history: list[dict[str, Any]] = history) -> None:
                 for c in chains:
-                    d = by_name[c.name]
-                    lab["voltmeter"].channel = c.voltmeter_channel
-                    opt = optimise_z(lab, d, generator_one_hot(c.port, d.freq_hz, n_avg=cfg.reopt_n_avg),
-                                     np.diag(p1), p1, c.stage_z_mm - cfg.reopt_window_mm,
-                                     c.stage_z_mm + cfg.reopt_window_mm, n_trials=cfg.reopt_trials,
-                                     seed=cfg.seed + len(history))
+                    opt = align(by_name[c.name], c.port, c.voltmeter_channel, c.stage_z_mm,
+                                cfg.reopt_window_mm, cfg.reopt_trials, cfg.seed + len(history))
                     c.stage_z_mm = opt.stage_z_mm
                     ledger.count("stage moves", 2 * (len(opt.trials) + 1))
                 v_max = fit_v_max(conv, calib_patches)

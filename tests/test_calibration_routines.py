@@ -39,20 +39,13 @@ from calibration.reference import (
     resonance_from_curve,
 )
 from calibration.source import calibrate_source, measure_tone, set_tone
+from hil.commands.calibrate import REFERENCE_SAMPLE  # three reference devices on ports 1-3
 from hil.lab import Lab, open_lab
 from sims.virtual_lab import World
 
 ROOT = Path(sims.__file__).resolve().parent.parent
 LAB = ROOT / "lab_configs" / "virtual.yaml"
 SEED = 2024  # lab_configs/virtual.yaml's seed: the default variability
-#: three reference devices (two same-sign diodes in parallel, thesis Fig. 3.7c) on ports 1-3
-REFERENCE_SAMPLE = {
-    "sample": {"devices": {"__replace__": True, **{
-        f"ref{i}": {"origin_um": [-450 + 450 * i, 0],
-                    "diodes": [{"v_um": 0, "u_um": -8}, {"v_um": 0, "u_um": 8}],
-                    "blocks": [[0, 1]]} for i in range(3)}}},
-    "rf": {"output_switch": {"switch": "sp4t", "ports": {1: "ref0", 2: "ref1", 3: "ref2", 4: "fsv"}}},
-}
 DEVICES = {"ref0": 1, "ref1": 2, "ref2": 3}
 
 
@@ -62,8 +55,11 @@ def reference_lab(seed: int = SEED) -> Lab:
 
 
 def full_plan() -> SweepPlan:
-    return SweepPlan(devices=DEVICES, stage_z_mm=np.round(np.arange(17.5, 22.51, 0.25), 4).tolist(),
-                     freq_hz=np.arange(1.0e9, 5.0001e9, 50e6).tolist(), power_dbm=16.0)
+    from hil.hybrid import reference_plan
+
+    plan = reference_plan()
+    assert plan.devices == DEVICES
+    return plan
 
 
 @pytest.fixture(scope="module")

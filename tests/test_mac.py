@@ -25,9 +25,10 @@ from calibration.mac import (
     patches_2x2,
 )
 from calibration.position import generator_one_hot, optimise_z
-from calibration.reference import ReferenceMap, SweepPlan, measure_reference_map, rescaled_power
+from calibration.reference import ReferenceMap, measure_reference_map, rescaled_power
 from calibration.source import calibrate_source, measure_settling
 from hil.commands.calibrate import REFERENCE_SAMPLE
+from hil.hybrid import reference_plan
 from hil.lab import open_lab
 from sims.virtual_lab import World
 
@@ -41,9 +42,7 @@ KERNELS = {"chain0": (0.52, -0.31, 0.12, -0.6), "chain1": (-0.2, 0.45, 0.33, 0.1
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     path = tmp_path_factory.mktemp("mac") / "reference_map.csv"
-    plan = SweepPlan(devices={"ref0": 1, "ref1": 2, "ref2": 3},
-                     stage_z_mm=np.round(np.arange(17.5, 22.51, 0.25), 4).tolist(),
-                     freq_hz=np.arange(1.0e9, 5.0001e9, 50e6).tolist(), power_dbm=16.0)
+    plan = reference_plan()
     with open_lab(LAB, world=World.from_file("thesis_bench.yaml", seed=SEED,
                                              overrides=REFERENCE_SAMPLE)) as lab:
         measure_reference_map(lab, plan, path)

@@ -281,6 +281,24 @@ def cmd_source(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chain_bench_args(p: argparse.ArgumentParser, verb: str) -> None:
+    """What ``chain measure`` and ``position optimise`` both take: the lab, the design and its
+    map, the chains' switch ports, the power and the first stage position, the voltmeter's
+    integration, and the virtual-lab and recording switches."""
+    p.add_argument("lab", help="lab config")
+    p.add_argument("--design", required=True, help="chain_design.json of hil chain design")
+    p.add_argument("--map", required=True, help="the reference map the design used")
+    p.add_argument("--ports", default="chain0=1,chain1=2,chain2=3",
+                   help=f"chains to {verb} as name=output-switch-port,...")
+    p.add_argument("--p0-mw", type=float, default=30.0, help="base power P0 of eq. 3.3 (mW)")
+    p.add_argument("--stage-ref-mm", type=float, default=20.0, help="stage z of the first sweep")
+    p.add_argument("--nplc", type=float, default=1.0)
+    p.add_argument("--fabricate", action="store_true",
+                   help="virtual lab only: fabricate the design in the virtual world first")
+    p.add_argument("--no-record", action="store_true",
+                   help="do not log every instrument exchange to the run folder")
+
+
 def register(sub: Any) -> None:
     cal = sub.add_parser("calibrate", help="calibration measurements (reference diode map)")
     csub = cal.add_subparsers(dest="what", metavar="WHAT", required=True)
@@ -318,44 +336,22 @@ def register(sub: Any) -> None:
     des.add_argument("--dz-max-um", type=float, default=100.0)
     des.set_defaults(func=cmd_chain_design)
     mea = chsub.add_parser("measure", help="place and measure designed chains; table 3.1")
-    mea.add_argument("lab", help="lab config")
-    mea.add_argument("--design", required=True, help="chain_design.json of hil chain design")
-    mea.add_argument("--map", required=True, help="the reference map the design used")
-    mea.add_argument("--ports", default="chain0=1,chain1=2,chain2=3",
-                     help="chains to measure as name=output-switch-port,...")
-    mea.add_argument("--p0-mw", type=float, default=30.0, help="base power P0 of eq. 3.3 (mW)")
-    mea.add_argument("--stage-ref-mm", type=float, default=20.0, help="stage z of the first sweep")
+    _chain_bench_args(mea, "measure")
     mea.add_argument("--n-avg", type=int, default=32)
-    mea.add_argument("--nplc", type=float, default=1.0)
-    mea.add_argument("--fabricate", action="store_true",
-                     help="virtual lab only: fabricate the design in the virtual world first")
-    mea.add_argument("--no-record", action="store_true",
-                     help="do not log every instrument exchange to the run folder")
     mea.set_defaults(func=cmd_chain_measure)
 
     pos = sub.add_parser("position", help="position optimisation in the gradient (thesis 4.7)")
     psub = pos.add_subparsers(dest="what", metavar="WHAT", required=True)
     po = psub.add_parser("optimise", help="Optuna over each chain's z, V_max by least squares")
-    po.add_argument("lab", help="lab config")
-    po.add_argument("--design", required=True, help="chain_design.json of hil chain design")
-    po.add_argument("--map", required=True, help="the reference map the design used")
-    po.add_argument("--ports", default="chain0=1,chain1=2,chain2=3",
-                    help="chains to optimise as name=output-switch-port,...")
-    po.add_argument("--p0-mw", type=float, default=30.0, help="base power P0 of eq. 3.3 (mW)")
-    po.add_argument("--stage-ref-mm", type=float, default=20.0)
+    _chain_bench_args(po, "optimise")
     po.add_argument("--window-mm", type=float, default=0.04, help="Optuna window around the profile fit")
     po.add_argument("--trials", type=int, default=25, help="Optuna trials (Algorithm 2: 25)")
     po.add_argument("--n-avg", type=int, default=4)
-    po.add_argument("--nplc", type=float, default=1.0)
     po.add_argument("--seed", type=int, default=0)
     po.add_argument("--track-inputs", type=int, default=0,
                     help="then process this many (one-hot, seeded) inputs, re-optimising --every")
     po.add_argument("--every", type=int, default=10, help="re-optimise every N inputs (thesis: 10)")
     po.add_argument("--wait-s", type=float, default=360.0, help="lab time per input (thesis: ~6 min)")
-    po.add_argument("--fabricate", action="store_true",
-                    help="virtual lab only: fabricate the design in the virtual world first")
-    po.add_argument("--no-record", action="store_true",
-                     help="do not log every instrument exchange to the run folder")
     po.set_defaults(func=cmd_position)
 
     src = sub.add_parser("source", help="multi-channel source calibration (thesis 4.5.2)")
