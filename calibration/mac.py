@@ -97,12 +97,6 @@ class Ledger:
     def snapshot(self) -> dict[str, Any]:
         return {"time_s": dict(self.time_s), "ops": dict(self.ops)}
 
-    @staticmethod
-    def diff(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-        """What happened between two snapshots."""
-        return {kind: {k: v - before[kind].get(k, 0) for k, v in after[kind].items()
-                       if v - before[kind].get(k, 0)} for kind in ("time_s", "ops")}
-
 
 # --------------------------------------------------------------------------- the source
 
