@@ -84,3 +84,69 @@ def pca_plot(traj: np.ndarray, colour: np.ndarray | None, path: Path, title: str
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def flipflop_error_budget(out: np.ndarray, x: np.ndarray, y: np.ndarray,
+                          tol: float = 0.2) -> dict[str, Any]:
+    """Where a flip-flop network's misses are (``out``, ``x``, ``y``: ``(B, T, bits)``).
+
+    Every output step falls in exactly one class: the step at which the target switches
+    (``switch``), the one after, the next six (``settling``), the steps before a channel's
+    first switch (initial 0: quiet, or its first pulse seen and the switch pending), the steps
+    after an opposite pulse before the delayed switch (``pulse seen, switch pending``), a hold
+    within 8 steps of a pulse of the same sign (the pulse must be ignored), and quiet holds.
+    For each: the fraction of all steps it is, its miss rate (output further than ``tol``
+    from the target) and its share of the total miss rate, which sums to the overall one.
+    """
+    miss = np.abs(out - y) > tol
+    B, T, n = y.shape
+    since = np.zeros(y.shape, dtype=int)
+    for t in range(1, T):
+        since[:, t] = np.where(y[:, t] == y[:, t - 1], since[:, t - 1] + 1, 0)
+    # sign of the channel's most recent pulse point within the last 8 steps (0: none)
+    sign = np.where(np.abs(x) > 0.5, np.sign(x), 0.0)
+    last = np.zeros(y.shape)
+    for t in range(T):
+        win = sign[:, max(0, t - 8) : t + 1]
+        idx = np.where(win != 0, np.arange(win.shape[1])[None, :, None], -1).max(axis=1)
+        last[:, t] = np.where(idx >= 0, np.take_along_axis(win, np.maximum(idx, 0)[:, None], 1)[:, 0], 0)
+    holding = y != 0
+    settled = holding & (since >= 8)
+    classes = {
+        "switch": holding & (since == 0),
+        "switch+1": holding & (since == 1),
+        "settling (2-7 steps)": holding & (since >= 2) & (since < 8),
+        "initial 0, quiet": ~holding & (last == 0),
+        "initial 0, first pulse pending": ~holding & (last != 0),
+        "pulse seen, switch pending": settled & (last != 0) & (last != y),
+        "hold, same-sign pulse": settled & (last == y),
+        "hold, quiet": settled & (last == 0),
+    }
+    total = float(miss.mean())
+    rows = {}
+    for name, m in classes.items():
+        frac = float(m.mean())
+        rate = float(miss[m].mean()) if m.any() else 0.0
+        rows[name] = {"fraction_of_steps": frac, "miss_rate": rate,
+                      "contribution": float((miss & m).mean())}
+    return {"tolerance": tol, "miss_rate": total, "within_tol": 1.0 - total, "classes": rows}
+
+
+def error_budget_plot(budget: dict[str, Any], path: Path, title: str = "") -> Path:
+    """Bar chart of each class's contribution to the miss rate, with its miss rate."""
+    names = list(budget["classes"])
+    contrib = [budget["classes"][n]["contribution"] * 100 for n in names]
+    rate = [budget["classes"][n]["miss_rate"] * 100 for n in names]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    bars = ax.barh(names[::-1], contrib[::-1], color="tab:red")
+    for b, r, f in zip(bars, rate[::-1], [budget["classes"][n]["fraction_of_steps"] * 100
+                                           for n in names][::-1], strict=True):
+        ax.text(b.get_width(), b.get_y() + b.get_height() / 2,
+                f"  {r:.1f} % missed of {f:.1f} % of steps", va="center", fontsize=8)
+    ax.set_xlabel(f"share of all steps missed (%), total {budget['miss_rate'] * 100:.2f} %")
+    ax.set_title(title or f"where the misses are (|output - target| > {budget['tolerance']})")
+    ax.set_xlim(0, max(contrib) * 1.9 + 0.1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -35,6 +35,32 @@ def test_plots_are_written(tmp_path):
     assert analysis.pca_plot(traj, np.arange(5), tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_flipflop_error_budget_classes_and_a_late_switch(tmp_path):
+    from hil.tasks import flipflop_batch
+
+    x, y = flipflop_batch(20, 100, 3, 0.05, 0.05, 2, 3, seed=4)
+    perfect = analysis.flipflop_error_budget(y.copy(), x, y)
+    assert perfect["miss_rate"] == 0.0 and perfect["within_tol"] == 1.0
+    classes = perfect["classes"]
+    assert sum(c["fraction_of_steps"] for c in classes.values()) == pytest.approx(1.0)
+    # an output that follows the target one step late misses exactly the switch steps
+    late = np.concatenate([np.zeros_like(y[:, :1]), y[:, :-1]], axis=1)
+    b = analysis.flipflop_error_budget(late, x, y)
+    assert b["classes"]["switch"]["miss_rate"] == 1.0
+    for name, c in b["classes"].items():
+        if name != "switch":
+            assert c["miss_rate"] == 0.0, name
+    assert sum(c["contribution"] for c in b["classes"].values()) == pytest.approx(b["miss_rate"])
+    # an output that switches at the pulse instead of after the delay misses the pending steps
+    early = np.zeros_like(y)
+    for t in range(y.shape[1]):
+        prev = early[:, t - 1] if t else 0.0
+        early[:, t] = np.where(np.abs(x[:, t]) > 0.5, np.sign(x[:, t]), prev)
+    e = analysis.flipflop_error_budget(early, x, y)
+    assert e["classes"]["pulse seen, switch pending"]["miss_rate"] > 0.5
+    assert analysis.error_budget_plot(b, tmp_path / "b.png").stat().st_size > 1000
+
+
 def test_cumulative_drive_rule():
     cfg = ModelConfig(S=0.5, dt_ns=1.0)
     # I = S <|W|> sqrt(N) = 0.5 * 0.25 * sqrt(64) = 1

@@ -61,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
                                  "max_abs_eigenvalue": float(np.abs(ev).max())})
         analysis.pca_plot(traj[..., sl], colour, folder / f"pca_layer{li}_seed{net.seeds[k]}.png",
                           f"layer {li}")
+    if task.name == "flipflop":
+        # where the misses are, on the whole test split
+        with torch.no_grad():
+            out = net.readout(net(test.x)[0])[k].numpy()
+        budget = analysis.flipflop_error_budget(out, test.x.numpy(), test.y.numpy())
+        report["error_budget"] = budget
+        analysis.error_budget_plot(budget, folder / f"error_budget_seed{net.seeds[k]}.png",
+                                   f"flip-flop misses, seed {net.seeds[k]}")
     (folder / f"analysis_seed{net.seeds[k]}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"plots written to {folder}")
