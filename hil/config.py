@@ -21,7 +21,7 @@ from sims.neurons import NEURON_TYPES, default_fixed_bias
 
 TASKS = ("digits", "sine_square", "flipflop")
 ENGINES = ("fast", "reference")
-BPTT_MODES = ("full", "truncated", "shifted")
+BPTT_MODES = ("full", "truncated", "shifted", "exact")
 
 
 @dataclass
@@ -106,10 +106,11 @@ class TrainConfig:
     lr0: float = 0.01
     lr_decay: float = 5.0
     grad_clip: float | None = 1.0
-    bptt: str = "full"  # full | truncated | shifted (sine/square only)
+    bptt: str = "full"  # full | truncated | shifted | exact (the last three: sine/square only)
     output_gain: float = 1000.0  # sine/square: gain before the sigmoid (thesis eq. 5.5)
     # truncated/shifted BPTT: at most this many windows (weight updates) per epoch, taken
-    # every k-th window over the whole series; None: all windows
+    # every k-th window over the whole series; None: all windows. exact: the windows an
+    # epoch trains on, batch_size per update (None: as many as the series has)
     windows_per_epoch: int | None = None
     engine: str = "fast"
     max_rollbacks: int = 3  # per seed, on a non-finite loss

@@ -127,3 +127,63 @@ def test_windows_per_epoch_validated():
         cfg = RunConfig(train=TrainConfig(windows_per_epoch=bad))
         with pytest.raises(ConfigError, match="train.windows_per_epoch"):
             validate(cfg)
+
+
+def test_exact_bptt_windows_start_from_the_series_state():
+    """bptt=exact: batch_size windows per update, each started from the state the current
+    network reaches at that point from rest; a seed trains alike alone or stacked."""
+    from hil.tasks import Split
+
+    task = SineSquare(TaskConfig(n_periods=4, window=8))  # 32 points, 25 windows
+    g = torch.Generator().manual_seed(0)  # a series whose windows are all different
+    task.splits["train"] = Split(torch.rand(1, 32, 1, generator=g),
+                                 (torch.rand(1, 32, generator=g) > 0.5).float())
+    mc = ModelConfig(n_layers=1, n_hidden=2, tau_ns=1.0, S=1.0, highpass=False)
+    tc = TrainConfig(epochs=1, lr0=0.01, bptt="exact", batch_size=4, windows_per_epoch=10,
+                     output_gain=10.0)
+    tr = Trainer([mc, mc], [tc, tc], [0, 1], task, progress=False)
+    seen = []
+    update = tr._update
+
+    def spy(x, y, epoch, state=None):
+        # before the update: the start states must equal a pass from rest to each window start
+        with torch.no_grad():
+            full, _ = tr.net(task.splits["train"].x)
+            series = task.splits["train"].x[0, :, 0]
+            for k in range(2):
+                for b in range(x.shape[1]):
+                    match = (series.unfold(0, 8, 1) == x[k, b, :, 0]).all(1).nonzero().flatten()
+                    assert len(match) == 1
+                    p = int(match[0])
+                    want = tr.net.initial_state(1).x[k, 0] if p == 0 else full[k, 0, p - 1]
+                    assert torch.allclose(state.x[k, b], want, atol=1e-6)
+        seen.append(x.shape)
+        return update(x, y, epoch, state)
+
+    tr._update = spy
+    res = tr.fit()
+    assert [s[:2] for s in seen] == [(2, 4), (2, 4), (2, 2)]  # 10 windows in batches of 4
+    alone = Trainer([mc], [tc], [1], task, progress=False).fit()
+    assert alone.final[0]["test_accuracy"] == pytest.approx(res.final[1]["test_accuracy"])
+    assert torch.allclose(alone.net.W_in[0], res.net.W_in[1], atol=1e-5)
+
+
+def test_exact_bptt_refuses_the_highpass_filter():
+    from hil.errors import ConfigError
+
+    task = SineSquare(TaskConfig(n_periods=4, window=8))
+    mc = ModelConfig(n_layers=1, n_hidden=2, highpass=True)
+    with pytest.raises(ConfigError, match="train.bptt"):
+        Trainer([mc], [TrainConfig(bptt="exact")], [0], task, progress=False)
+
+
+def test_two_neurons_learn_sine_square_with_exact_bptt():
+    """The sine_square_2 recipe, shortened to 80 epochs: every seed of three above 90 %
+    (with the shifted scheme two of these three seeds stay near 58 %)."""
+    from hil.config import apply_overrides, load_config
+    from hil.tasks import make_task
+
+    cfg = apply_overrides(load_config(preset="sine_square_2"), ["train.epochs=80"])
+    task = make_task(cfg.task, cfg.train.output_gain)
+    res = Trainer([cfg.model] * 3, [cfg.train] * 3, [1, 2, 5], task, progress=False).fit()
+    assert all(f["test_accuracy"] > 0.9 for f in res.final), [f["test_accuracy"] for f in res.final]
