@@ -99,7 +99,7 @@ def flipflop_error_budget(out: np.ndarray, x: np.ndarray, y: np.ndarray,
     from the target) and its share of the total miss rate, which sums to the overall one.
     """
     miss = np.abs(out - y) > tol
-    B, T, n = y.shape
+    T = y.shape[1]
     since = np.zeros(y.shape, dtype=int)
     for t in range(1, T):
         since[:, t] = np.where(y[:, t] == y[:, t - 1], since[:, t - 1] + 1, 0)

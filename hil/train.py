@@ -232,7 +232,8 @@ class Trainer:
         return losses / counts, metrics / counts
 
     def _epoch_sequence(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sine/square: one long series, full, truncated or shifted-start BPTT (thesis 5.7)."""
+        """Sine/square: one long series, full, truncated, shifted-start or exact-start BPTT
+        (thesis 5.7)."""
         data = self.task.splits["train"]
         x, y = data.x, data.y  # (1, T, 1), (1, T)
         T = x.shape[1]
@@ -240,6 +241,8 @@ class Trainer:
         if mode == "full":
             loss, metric, _ = self._update(x, y, epoch)
             return loss, metric
+        if mode == "exact":
+            return self._epoch_exact(x, y, epoch)
         losses, metrics, n = torch.zeros(self.K), torch.zeros(self.K), 0
         cap = self.tcfg.windows_per_epoch
         if mode == "truncated":
@@ -260,8 +263,6 @@ class Trainer:
                 metrics += metric
                 n += 1
             return losses / max(n, 1), metrics / max(n, 1)
-        if mode == "exact":
-            return self._epoch_exact(x, y, epoch)
         # shifted start (eq. 5.11): window i covers points i..i+w-1; its start state is the
         # previous window's start state advanced by one point with the updated parameters.
         # windows_per_epoch: windows every k points, the start state advanced by k points.

@@ -62,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
         analysis.pca_plot(traj[..., sl], colour, folder / f"pca_layer{li}_seed{net.seeds[k]}.png",
                           f"layer {li}")
     if task.name == "flipflop":
-        # where the misses are, on the whole test split
+        # where the misses are, on the whole test split (the trajectories above if they cover it)
         with torch.no_grad():
-            out = net.readout(net(test.x)[0])[k].numpy()
+            full = xseq if n == len(test) else net(test.x)[0]
+            out = net.readout(full)[k].numpy()
         budget = analysis.flipflop_error_budget(out, test.x.numpy(), test.y.numpy())
         report["error_budget"] = budget
         analysis.error_budget_plot(budget, folder / f"error_budget_seed{net.seeds[k]}.png",
