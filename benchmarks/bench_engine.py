@@ -48,6 +48,7 @@ from hil.config import RunConfig, load_config  # noqa: E402
 from hil.model import DynamicalNetwork, State  # noqa: E402
 from hil.tasks import SequentialDigits  # noqa: E402
 from hil.train import Trainer  # noqa: E402
+from sims.neurons import NEURON_TYPES  # noqa: E402
 
 IMPLS = ("fast", "fast-torch", "loop", "torchdiffeq")
 
@@ -61,11 +62,14 @@ def torchdiffeq_forward(net: DynamicalNetwork, u: torch.Tensor, state: State | N
     filter ``dy/dt = dx/dt - 2 pi f_cut y`` (whose Euler step is exactly the engine's
     ``y <- a y + x_{s+1} - x_s``), without it ``y = x``. The drive of input point ``t`` holds
     over ``[t dt, (t+1) dt)``: the right-hand side looks it up from the step's start time.
+    The CTRNN (``dx/dt = -gamma x + I``, output ``tanh x``) is supported without the filter.
     """
     from torchdiffeq import odeint
 
-    if net.kind != "spintronic":
-        raise ValueError("the torchdiffeq baseline implements the spintronic neuron only")
+    if net.kind not in ("spintronic", "ctrnn"):
+        raise ValueError("the torchdiffeq baseline implements the spintronic and CTRNN neurons")
+    if net.kind == "ctrnn" and net.highpass:
+        raise ValueError("the torchdiffeq baseline has no high-pass filter for the CTRNN")
     B = u.shape[-3]
     if state is None:
         state = net.initial_state(B)
@@ -81,6 +85,8 @@ def torchdiffeq_forward(net: DynamicalNetwork, u: torch.Tensor, state: State | N
 
     def rhs_x(t: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         drive = C[:, :, point(t)] + torch.bmm(y, Wr)
+        if net.kind == "ctrnn":
+            return -gamma * x + drive
         damping = gamma * x * (1 + q * x) if q is not None else gamma * x
         return -damping + drive * x * (1 - x)
 
@@ -96,7 +102,8 @@ def torchdiffeq_forward(net: DynamicalNetwork, u: torch.Tensor, state: State | N
         xs, ys = odeint(func, (state.x, state.y), times, method="euler", options=opts)
         xf, yf = xs[-1], ys[-1]
     else:
-        xs = odeint(lambda t, x: rhs_x(t, x, x), state.x, times, method="euler", options=opts)
+        xs = odeint(lambda t, x: rhs_x(t, x, net.output_of(x)), state.x, times, method="euler",
+                    options=opts)
         xf = yf = xs[-1]
     return xs[1:].permute(1, 2, 0, 3), State(xf, yf)
 
@@ -118,6 +125,7 @@ class Case:
 
 def run_config(args: argparse.Namespace) -> RunConfig:
     cfg = load_config(preset="digits")
+    cfg.model.neuron = args.neuron
     cfg.model.n_hidden = args.hidden
     cfg.model.n_layers = args.layers
     cfg.model.substeps = args.substeps
@@ -282,6 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--batch", type=int, default=120)
     p.add_argument("--points", type=int, default=64, help="input points per sample (max 64)")
+    p.add_argument("--neuron", default="spintronic", choices=NEURON_TYPES,
+                   help="neuron type (default spintronic; ctrnn exercises the tanh output)")
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--substeps", type=int, default=4)

@@ -38,3 +38,14 @@ def test_benchmark_runs_and_implementations_agree(tmp_path, capsys):
         assert f"{r['impl']:<12} {r['seeds']:>5}" in printed
     assert "2 seeds at once take" in printed
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_benchmark_ctrnn_rows_agree(capsys):
+    """``--neuron ctrnn`` runs every implementation on the CTRNN (tanh outputs, no filter)."""
+    bench = _load()
+    rows = bench.main(["--neuron", "ctrnn", "--seeds", "1", "--batch", "6", "--points", "5",
+                       "--hidden", "4", "--layers", "2", "--rounds", "1", "--no-memory"])
+    assert {r["impl"] for r in rows} == set(bench.IMPLS)
+    for r in rows:
+        assert r["loss_rel_diff"] < 1e-5 and r["grad_rel_diff"] < 1e-3 and r["state_diff"] < 1e-5, r
+    assert "ctrnn" in capsys.readouterr().out

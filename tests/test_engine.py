@@ -62,6 +62,30 @@ def test_float32_fast_engine_close_to_reference(backend):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("highpass", [True, False])
+def test_float32_ctrnn_close_to_reference(highpass, backend):
+    """The native float32 kernel computes tanh with its own vectorised formula (libm's in
+    float64): states and gradients stay within float32 rounding of the autograd loop, with
+    states large enough that tanh is used over its whole range, saturated included."""
+    torch.manual_seed(3)
+    net = DynamicalNetwork([ModelConfig(neuron="ctrnn", highpass=highpass, n_hidden=12, S=2.0,
+                                        S_in=3.0)], 1, 10, [3])
+    u = torch.rand(8, 40, 1) * 3
+    lf, xf, gf = _run(net, u, "fast")
+    lr, xr, gr = _run(net, u, "reference")
+    assert xr.abs().max() > 3 and xr.abs().min() < 0.1  # tanh saturated and linear
+    assert torch.allclose(xf, xr, atol=1e-5 * xr.abs().max().item())
+    assert torch.allclose(lf, lr, rtol=1e-5)
+    for a, b in zip(gf, gr, strict=True):
+        assert torch.allclose(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-3)
+    if not highpass:  # the kernel's final output is its tanh of its final state: ulp-close
+        net.engine = "fast"
+        with torch.no_grad():
+            _, st = net(torch.randn(64, 40, 1) * 4)
+        assert st.x.abs().max() > 9 and (st.x.abs() < 0.125).any()  # both branches, the cap
+        assert (st.y - torch.tanh(st.x)).abs().max() < 3e-7
+
+
 def test_no_grad_path_equals_training_path(backend):
     net = DynamicalNetwork([ModelConfig(n_hidden=5)], 1, 10, [0])
     u = torch.rand(3, 10, 1)
