@@ -104,9 +104,10 @@ def recover_stale(study: optuna.Study, orphan_grace_s: float = 5.0) -> int:
 
 
 def open_study(storage: str, study_name: str, seed: int | None,
-               direction: str = "maximize") -> optuna.Study:
+               direction: str = "maximize", prune_warmup: int = 5) -> optuna.Study:
+    """Create or load a study; ``prune_warmup`` epochs pass before a trial can be pruned."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=5)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=prune_warmup)
     return optuna.create_study(storage=storage, study_name=study_name, direction=direction,
                                sampler=sampler, pruner=pruner, load_if_exists=True)
 
@@ -116,14 +117,46 @@ def _finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def check_seeds_per_trial(study: optuna.Study, base: RunConfig, n: int) -> None:
+    """Fix the study's seeds per trial at its first use; refuse a different count later, since
+    medians over different seed counts are not comparable objectives."""
+    if n < 1:
+        raise ConfigError("--seeds-per-trial", f"must be >= 1, got {n}", "command line")
+    if n > len(base.seeds):
+        raise ConfigError("seeds", f"--seeds-per-trial {n} needs at least {n} seeds, the config "
+                          f"has {len(base.seeds)} ({base.seeds})", "command line")
+    have = study.user_attrs.get("seeds_per_trial")
+    if have is None:
+        study.set_user_attr("seeds_per_trial", n)
+    elif int(have) != n:
+        raise ConfigError("--seeds-per-trial", f"the study was run with {have} seed(s) per trial, "
+                          f"not {n}: give --seeds-per-trial {have} to continue it", "command line")
+
+
+def seed_median(values: list[float]) -> float:
+    """Objective of a multi-seed trial: the median over its seeds, a diverged seed (non-finite
+    value) counted as 0, the worst accuracy, so that instability is penalised, not hidden."""
+    v = sorted(x if math.isfinite(x) else 0.0 for x in values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
 def worker(base: RunConfig, storage: str, study_name: str, n_trials: int, batch: int,
            objective: str, space: dict[str, FloatDistribution], seed: int,
-           progress: bool = True, threads: int | None = None) -> int:
-    """Ask, train and tell batches of trials until the study holds ``n_trials``."""
+           progress: bool = True, threads: int | None = None, seeds_per_trial: int = 1,
+           prune_warmup: int = 5) -> int:
+    """Ask, train and tell batches of trials until the study holds ``n_trials``.
+
+    With ``seeds_per_trial`` = n > 1 every trial is trained with the config's first n seeds
+    (stacked with the batch's other trials) and scored, and pruned, on the median over them.
+    """
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(storage, study_name, seed)
+    study = open_study(storage, study_name, seed, prune_warmup=prune_warmup)
+    check_seeds_per_trial(study, base, seeds_per_trial)
+    n_seeds = seeds_per_trial
+    trial_seeds = list(base.seeds[:n_seeds])
     task = make_task(base.task, base.train.output_gain)
     split = "val" if objective == "val" else "test"
     if split not in task.splits:
@@ -141,7 +174,8 @@ def worker(base: RunConfig, storage: str, study_name: str, n_trials: int, batch:
             t.set_user_attr("host", socket.gethostname())
             t.set_user_attr("pid", os.getpid())
             cfgs.append(apply_params(base, t.params))
-        seeds = [base.seeds[0]] * len(trials)
+        # stacked member j = trial j // n_seeds with seed trial_seeds[j % n_seeds]
+        members = [(k, sd) for k in range(len(trials)) for sd in trial_seeds]
         pruned: set[int] = set()
 
         def on_epoch(epoch: int, rec: dict[str, Any], trials=trials, pruned=pruned) -> set[int]:
@@ -150,26 +184,41 @@ def worker(base: RunConfig, storage: str, study_name: str, n_trials: int, batch:
             for k, t in enumerate(trials):
                 if k in pruned:
                     continue
-                v = float(values[k])
-                t.report(v if math.isfinite(v) else 0.0, epoch)
+                own = range(k * n_seeds, (k + 1) * n_seeds)
+                t.report(seed_median([float(values[j]) for j in own]), epoch)
                 if t.should_prune():
                     pruned.add(k)
-                    stop.add(k)
+                    stop.update(own)
             return stop
 
-        trainer = Trainer([c.model for c in cfgs], [c.train for c in cfgs], seeds, task,
-                          progress=progress, on_epoch=on_epoch,
-                          label=f"trials {trials[0].number}-{trials[-1].number}")
+        trainer = Trainer([cfgs[k].model for k, _ in members], [cfgs[k].train for k, _ in members],
+                          [sd for _, sd in members], task, progress=progress, on_epoch=on_epoch,
+                          label=f"trials {trials[0].number}-{trials[-1].number}"
+                          + (f" x {n_seeds} seeds" if n_seeds > 1 else ""))
         result = trainer.fit()
-        for k, (t, fin) in enumerate(zip(trials, result.final, strict=True)):
-            t.set_user_attr("test_" + task.metric_name, fin.get(f"test_{task.metric_name}"))
-            t.set_user_attr("status", fin["status"])
+        test_key = f"test_{task.metric_name}"
+        for k, t in enumerate(trials):
+            fins = result.final[k * n_seeds:(k + 1) * n_seeds]
+            ok = [f for f in fins if f["status"] != "failed"
+                  and math.isfinite(f.get(metric, math.nan))]
+            vals = [f.get(metric, math.nan) if f["status"] != "failed" else math.nan for f in fins]
+            tests = [f.get(test_key, math.nan) if f["status"] != "failed" else math.nan
+                     for f in fins]
+            if n_seeds == 1:
+                t.set_user_attr(test_key, fins[0].get(test_key))
+                t.set_user_attr("status", fins[0]["status"])
+            else:
+                t.set_user_attr(test_key, seed_median([float(v) for v in tests]))
+                t.set_user_attr("seeds", trial_seeds)
+                t.set_user_attr(f"{split}_{task.metric_name}_per_seed",
+                                [float(v) if math.isfinite(v) else None for v in vals])
+                t.set_user_attr("status", f"{len(ok)}/{n_seeds} seeds ok")
             if k in pruned:
                 study.tell(t, state=TrialState.PRUNED)
-            elif fin["status"] == "failed" or not math.isfinite(fin.get(metric, math.nan)):
+            elif not ok:
                 study.tell(t, state=TrialState.FAIL)
             else:
-                study.tell(t, fin[metric])
+                study.tell(t, seed_median([float(v) for v in vals]))
             done += 1
     return done
 

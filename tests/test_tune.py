@@ -105,3 +105,48 @@ def test_killed_search_resumes(runs_dir):
     assert len(finished) >= target - sum(t.state == TrialState.FAIL for t in trials)
     assert len(finished) > before
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_seed_median_counts_a_diverged_seed_as_zero():
+    from hil.tune import seed_median
+
+    assert seed_median([0.5, 0.9, 0.7]) == 0.7
+    assert seed_median([0.5, 0.9]) == 0.7
+    assert seed_median([0.8, float("nan"), 0.9]) == 0.8  # nan -> 0: [0, 0.8, 0.9]
+    assert seed_median([float("nan"), float("inf"), 0.9]) == 0.0
+
+
+TINY3 = [a if a != "0" else "0-2" for a in TINY]  # the same tiny run with seeds 0-2
+
+
+def test_seeds_per_trial_scores_the_median_over_seeds(runs_dir, capsys):
+    argv = ["tune", *TINY3, "--epochs", "2", "--n-trials", "3", "--batch", "2",
+            "--seeds-per-trial", "3", "--prune-warmup", "10"]
+    assert main(argv) == 0
+    folder = next(runs_dir.iterdir())
+    study = _study(folder)
+    assert study.user_attrs["seeds_per_trial"] == 3
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)  # no pruning
+    for t in trials:
+        per_seed = t.user_attrs["val_accuracy_per_seed"]
+        assert t.user_attrs["seeds"] == [0, 1, 2] and len(per_seed) == 3
+        assert t.value == sorted(per_seed)[1]
+        assert t.user_attrs["status"] == "3/3 seeds ok"
+    # the seeds are real: the three members of a trial start from different weights
+    assert any(len(set(t.user_attrs["val_accuracy_per_seed"])) > 1 for t in trials)
+    # a study keeps its seed count: resuming it with another one is refused, naming the option
+    capsys.readouterr()
+    assert main([*argv[:-4], "--seeds-per-trial", "2", "--resume", str(folder)]) == 2
+    assert "--seeds-per-trial" in capsys.readouterr().err
+    assert len(_study(folder).get_trials()) == 3
+
+
+def test_seeds_per_trial_and_warmup_bad_values(runs_dir, capsys):
+    assert main(["tune", *TINY, "--n-trials", "1", "--seeds-per-trial", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "seeds" in err and "at least 2" in err
+    assert main(["tune", *TINY, "--n-trials", "1", "--seeds-per-trial", "0"]) == 2
+    assert "--seeds-per-trial" in capsys.readouterr().err
+    assert main(["tune", *TINY, "--n-trials", "1", "--prune-warmup", "-1"]) == 2
+    assert "--prune-warmup" in capsys.readouterr().err

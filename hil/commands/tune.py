@@ -36,6 +36,12 @@ def register(sub: Any) -> None:
                    "as the paper did")
     p.add_argument("--space", action="append", metavar="KEY=LOW:HIGH[:log]",
                    help="change or add a search dimension, e.g. model.S=0.2:1.5:log")
+    p.add_argument("--seeds-per-trial", type=int, default=1, metavar="N",
+                   help="train every trial with the config's first N seeds and score it on the "
+                   "median over them (a diverged seed counts as 0); fixed per study")
+    p.add_argument("--prune-warmup", type=int, default=5, metavar="EPOCHS",
+                   help="epochs a trial runs before the median pruner may stop it (default 5; "
+                   "raise it for slow starters such as the CTRNN)")
     p.add_argument("--sampler-seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -54,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         cfg.task.val_fraction = 0.2
     if args.n_trials < 1 or args.batch < 1 or args.workers < 1:
         raise ConfigError("--n-trials/--batch/--workers", "must be >= 1", "command line")
+    if args.prune_warmup < 0:
+        raise ConfigError("--prune-warmup", f"must be >= 0, got {args.prune_warmup}",
+                          "command line")
     space = tune.parse_space(args.space)
     if args.resume:
         folder = RunFolder(Path(args.resume))
@@ -65,13 +74,16 @@ def run(args: argparse.Namespace) -> int:
         folder.write_json("search_space.json", {k: repr(v) for k, v in space.items()})
     storage = args.storage or f"sqlite:///{(folder.path / 'study.db').resolve()}"
     print(f"run folder: {folder}\nstudy: {args.study_name} in {storage}", file=sys.stderr)
-    study = tune.open_study(storage, args.study_name, args.sampler_seed)
+    study = tune.open_study(storage, args.study_name, args.sampler_seed,
+                            prune_warmup=args.prune_warmup)
+    tune.check_seeds_per_trial(study, cfg, args.seeds_per_trial)
     n_requeued = tune.recover_stale(study)
     if n_requeued:
         print(f"resumed: {n_requeued} trial(s) of a killed worker queued again", file=sys.stderr)
     kwargs = dict(base=cfg, storage=storage, study_name=args.study_name, n_trials=args.n_trials,
                   batch=args.batch, objective=args.objective, space=space,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, seeds_per_trial=args.seeds_per_trial,
+                  prune_warmup=args.prune_warmup)
     if args.workers == 1:
         tune.worker(seed=args.sampler_seed, threads=args.threads, **kwargs)
     else:
