@@ -99,7 +99,13 @@ def test_every_shipped_preset_loads_and_validates():
     from hil.config import preset_names
 
     names = preset_names()
-    assert {"digits", "digits_paper", "sine_square", "flipflop"} <= set(names)
+    assert {"digits", "digits_ctrnn", "digits_paper", "sine_square", "flipflop"} <= set(names)
     for name in names:
         cfg = load_config(preset=name)
         assert cfg.seeds and cfg.train.epochs >= 1, name
+    # the paper's comparison: the CTRNN baseline has the spintronic network's architecture
+    spin, ctrnn = load_config(preset="digits").model, load_config(preset="digits_ctrnn").model
+    assert (spin.neuron, ctrnn.neuron) == ("spintronic", "ctrnn") and not ctrnn.highpass_on
+    for key in ("n_layers", "n_hidden", "density_inter", "density_intra", "dt_ns", "substeps"):
+        assert getattr(spin, key) == getattr(ctrnn, key), key
+    assert spin.density_inter == spin.density_intra == 0.5
