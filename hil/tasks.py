@@ -187,6 +187,14 @@ class FlipFlop(Task):
             x, y = flipflop_batch(n, cfg.seq_len, cfg.n_bits, cfg.pulse_prob, cfg.input_noise,
                                   cfg.delay, self.width, seed)
             self.splits[name] = Split(torch.from_numpy(x), torch.from_numpy(y))
+        if cfg.val_fraction > 0:  # hold out the last part of the training draws
+            tr = self.splits["train"]
+            n_val = max(1, round(cfg.val_fraction * len(tr.x)))
+            if n_val >= len(tr.x):
+                raise ConfigError("task.val_fraction", f"leaves no training sequence of "
+                                  f"{len(tr.x)}", "task")
+            self.splits["val"] = Split(tr.x[-n_val:], tr.y[-n_val:])
+            self.splits["train"] = Split(tr.x[:-n_val], tr.y[:-n_val])
         self.input_centre = 0.0
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

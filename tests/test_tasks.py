@@ -1,9 +1,11 @@
 """Task data: splits, shapes, labels and the flip-flop rule."""
 
 import numpy as np
+import pytest
 import torch
 
 from hil.config import TaskConfig
+from hil.errors import ConfigError
 from hil.tasks import (
     FlipFlop,
     SequentialDigits,
@@ -78,3 +80,14 @@ def test_flipflop_task_metric():
     assert out.shape == (1, 3, 50, 3)
     assert float(t.metric(out, y)[0]) == 1.0
     assert float(t.metric(out + 0.2, y)[0]) == 0.0
+
+
+def test_flipflop_validation_is_held_out_of_the_training_draws():
+    full = FlipFlop(TaskConfig(name="flipflop", n_train=50, n_test=10))
+    held = FlipFlop(TaskConfig(name="flipflop", n_train=50, n_test=10, val_fraction=0.2))
+    assert (len(held.splits["train"]), len(held.splits["val"])) == (40, 10)
+    both = torch.cat([held.splits["train"].x, held.splits["val"].x])
+    assert torch.equal(both, full.splits["train"].x)  # a split of the same draws, no overlap
+    assert torch.equal(held.splits["test"].x, full.splits["test"].x)
+    with pytest.raises(ConfigError, match="task.val_fraction"):
+        FlipFlop(TaskConfig(name="flipflop", n_train=1, n_test=10, val_fraction=0.5))
