@@ -182,6 +182,9 @@ _NATIVE_SOURCE = r"""
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 namespace {
 
@@ -194,7 +197,7 @@ template <class T> using V = typename Vec<T>::type;
 template <class T> constexpr int RW = 64 / sizeof(T);  // rows per tile
 
 template <class T> struct Job {
-  int64_t K, B, NT, M, S, nb, tpk, kind, has_q, has_filter, nthreads;
+  int64_t K, B, NT, M, S, nb, tpk, kind, has_q, has_filter, nthreads, ftz;
   int64_t gslots, ncp;  // input points per adjoint block, Y checkpoints per tile
   T h;
   const T *C, *W, *WT, *X0, *Y0, *gamma, *q, *a;
@@ -711,11 +714,29 @@ template <class T> void bwd_tile(const Job<T>& jb, int64_t tile, Scratch<T>& sc)
   store_tile(jb.gY0 + c.srow(), reinterpret_cast<T*>(gY), M, c.nr, M);
 }
 
+// Flush-to-zero and denormals-are-zero for the life of a worker, the caller's mode restored
+// after. A spintronic neuron without drive decays towards its fixed point x = 0 and the
+// adjoint decays with it: in subnormal range every operation on them takes a microcode
+// assist; this made the flip-flop network (no filter) train 9x slower. Values below
+// 1.2e-38 (float) or 2.2e-308 (double) become 0, far below anything the model resolves.
+struct FlushDenormals {
+#if defined(__SSE__) || defined(__x86_64__)
+  unsigned int saved = _mm_getcsr();
+  explicit FlushDenormals(bool on) {
+    if (on) _mm_setcsr(saved | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+  }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#else
+  explicit FlushDenormals(bool) {}
+#endif
+};
+
 template <class T> int run(const Job<T>& jb, bool backward) {
   const int64_t ntiles = jb.K * jb.tpk;
   std::atomic<int64_t> next{0};
   std::atomic<int> failed{0};
   auto worker = [&]() {
+    FlushDenormals ftz(jb.ftz != 0);
     try {
       Scratch<T> sc;
       for (int64_t tile; (tile = next.fetch_add(1)) < ntiles;) {
@@ -756,6 +777,7 @@ template <class T> int entry(int backward, const int64_t* ia, const double* da, 
   jb.tpk = (jb.B + RW<T> - 1) / RW<T>;
   jb.gslots = ia[10];
   jb.ncp = ia[11];
+  jb.ftz = ia[12];
   jb.h = (T)da[0];
   jb.C = (const T*)pa[0]; jb.W = (const T*)pa[1]; jb.WT = (const T*)pa[2];
   jb.X0 = (const T*)pa[3]; jb.Y0 = (const T*)pa[4]; jb.gamma = (const T*)pa[5];
@@ -784,6 +806,7 @@ _STASH_STEPS = 16  # sub-steps gathered per weight-gradient product (fits the L1
 _native_lock = threading.Lock()
 _native_lib: list[ctypes.CDLL | None] = []  # empty: not tried yet
 _native_allowed = [os.environ.get("HIL_NATIVE", "1") != "0"]
+_flush_subnormals = [True]
 
 
 def _cache_dir() -> Path:
@@ -863,6 +886,15 @@ def set_native(enabled: bool) -> bool:
     return previous
 
 
+def set_flush_subnormals(enabled: bool) -> bool:
+    """Run the native kernel with flush-to-zero (default) or with the caller's floating-point
+    mode; returns the previous setting. Off only to measure what it buys
+    (``benchmarks/bench_subnormals.py``)."""
+    previous = _flush_subnormals[0]
+    _flush_subnormals[0] = bool(enabled)
+    return previous
+
+
 def _native_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     """The native kernel if it can run on these tensors (CPU, one float dtype), else None."""
     if not _native_allowed[0]:
@@ -896,7 +928,7 @@ class _NativeCall:
         self.checkpoints = max(1, (T - 1) // block)  # Y at the block starts after the first
         ints = [K, B, T, M, dyn.substeps, dyn.layer_size or M, _KIND_CODE[dyn.kind],
                 self.q is not None, self.a is not None, torch.get_num_threads(), block,
-                self.checkpoints]
+                self.checkpoints, _flush_subnormals[0]]
         self.ints = (ctypes.c_int64 * len(ints))(*ints)
         self.reals = (ctypes.c_double * 1)(dyn.h)
 

@@ -49,3 +49,23 @@ def test_benchmark_ctrnn_rows_agree(capsys):
     for r in rows:
         assert r["loss_rel_diff"] < 1e-5 and r["grad_rel_diff"] < 1e-3 and r["state_diff"] < 1e-5, r
     assert "ctrnn" in capsys.readouterr().out
+
+
+def test_subnormal_benchmark_runs(tmp_path, capsys):
+    """Smoke test of bench_subnormals.py: both modes run on the same parameters and agree (no
+    timing assertion; whether subnormals appear depends on training longer than this)."""
+    from hil import engine
+
+    if engine.native_library() is None:
+        pytest.skip("native kernel unavailable (no C++ compiler)")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_subnormals.py"
+    spec = importlib.util.spec_from_file_location("bench_subnormals", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "sub.json"
+    res = mod.main(["--warmup-epochs", "1", "--rounds", "1", "--json", str(out)])
+    assert set(res["median_ms"]) == {"flush", "subnormal"}
+    assert res["max_state_diff"] < 1e-30 and 0 <= res["subnormal_state_fraction"] < 1
+    assert engine.set_flush_subnormals(True) is True  # the default is restored
+    assert json.loads(out.read_text())["slowdown_without_flush"] > 0
+    assert "without flush-to-zero" in capsys.readouterr().out

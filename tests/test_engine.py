@@ -221,3 +221,35 @@ def test_unused_outputs_need_no_gradient(backend):
     (xs_r[:, :, -1].sum() + 0 * xf_r.sum() + 0 * yf_r.sum()).backward()
     for a, b in zip(ins, ref, strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-14)
+
+
+def test_native_kernel_flushes_subnormals_and_restores_the_callers_mode():
+    """An undriven spintronic neuron decays towards x = 0: in float32 its state enters the
+    subnormal range, where every operation is microcode-slow (the flip-flop network trained
+    12x slower). The kernel runs with flush-to-zero: states below 1.2e-38 become exactly 0,
+    while the caller's floating-point mode is left as it was."""
+    if engine.native_library() is None:
+        pytest.skip("native kernel unavailable (no C++ compiler)")
+    K, B, T, M = 1, 16, 8, 4
+    dyn = Dynamics(kind="spintronic", h=0.25, substeps=4, gamma=torch.ones(K, 1, M), q=None,
+                   a=None)
+    C, Wr = torch.zeros(K, B, T, M), torch.zeros(K, M, M)
+    x0 = torch.full((K, B, M), 1e-36)
+    previous = engine.set_native(False)
+    try:
+        ref, *_ = engine.integrate(C, Wr, x0, x0.clone(), dyn)
+    finally:
+        engine.set_native(True)
+    fast, *_ = engine.integrate(C, Wr, x0, x0.clone(), dyn)
+    engine.set_native(previous)
+    tiny = torch.finfo(torch.float32).tiny
+    assert ((ref > 0) & (ref < tiny)).any()  # the plain loop does produce subnormals here
+    assert not ((fast > 0) & (fast < tiny)).any()  # the kernel never does
+    assert torch.allclose(fast, ref, rtol=1e-5, atol=tiny)  # and agrees above them
+    assert (torch.tensor([tiny]) * 0.5).item() > 0  # the caller still has subnormals
+    previous = engine.set_flush_subnormals(False)  # the switch the benchmark compares with
+    try:
+        plain, *_ = engine.integrate(C, Wr, x0, x0.clone(), dyn)
+    finally:
+        engine.set_flush_subnormals(previous)
+    assert torch.equal(plain, ref)
