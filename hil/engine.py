@@ -36,6 +36,10 @@ zero gradient, which is what the model's connection masks make them anyway.
     storing every sub-step, and folds the block into the weight gradient with a
     register-blocked product. Weight-gradient partials are per tile and summed in a fixed
     order, so results do not depend on the thread count or on which trials run together.
+    Workers run with flush-to-zero (subnormal values become 0; the caller's mode is restored):
+    undriven spintronic neurons decay towards x = 0 and would otherwise spend most of the
+    time in microcode assists (:func:`set_flush_subnormals`, ``benchmarks/bench_subnormals.py``).
+    In float32, tanh (the CTRNN's output) is computed on whole vectors (a few ulp from libm).
   - **torch** (GPU, other dtypes, or no compiler): the same recursion as a few batched tensor
     operations per step, with pre-allocated buffers and a hand-written backward whose weight
     gradient is one batched product over all steps.
