@@ -108,8 +108,15 @@ def open_study(storage: str, study_name: str, seed: int | None,
     """Create or load a study; ``prune_warmup`` epochs pass before a trial can be pruned."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=prune_warmup)
-    return optuna.create_study(storage=storage, study_name=study_name, direction=direction,
-                               sampler=sampler, pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=study_name, direction=direction,
+                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    n = len(study.get_trials(deepcopy=False))
+    if n and seed is not None:
+        # a resumed worker must not replay the random start-up trials a fresh sampler with the
+        # same seed drew before (they would train the same configurations again): the seed
+        # moves with the study's history, so a resume is still reproducible
+        study.sampler = optuna.samplers.TPESampler(seed=seed + 7919 * n, n_startup_trials=8)
+    return study
 
 
 def _finished(study: optuna.Study) -> int:

@@ -105,6 +105,11 @@ def test_killed_search_resumes(runs_dir):
     assert len(finished) >= target - sum(t.state == TrialState.FAIL for t in trials)
     assert len(finished) > before
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+    # the resumed sampler does not replay the configurations drawn before the kill (only a
+    # killed trial's own parameters come back, queued again on purpose)
+    drawn = [tuple(sorted(t.params.items())) for t in trials
+             if t.state != TrialState.FAIL and "requeued_from" not in t.user_attrs]
+    assert len(drawn) == len(set(drawn))
 
 
 def test_seed_median_counts_a_diverged_seed_as_zero():
