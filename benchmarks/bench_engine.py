@@ -129,6 +129,11 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     cfg.model.n_hidden = args.hidden
     cfg.model.n_layers = args.layers
     cfg.model.substeps = args.substeps
+    # the implementations compared (and torchdiffeq's fixed-step Euler) integrate the same
+    # recursion: explicit Euler unless asked otherwise (benchmarks/bench_integrators.py
+    # compares the integrators themselves)
+    cfg.model.integrator = args.integrator
+    cfg.model.thermal_d_ghz = 0.0
     cfg.train.batch_size = args.batch
     return cfg
 
@@ -295,6 +300,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--substeps", type=int, default=4)
+    p.add_argument("--integrator", default="euler", choices=engine.SCHEMES,
+                   help="integration scheme (torchdiffeq's baseline is Euler: compare it with euler)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     p.add_argument("--json", help="also write the results to this file")
     return p.parse_args(argv)

@@ -138,12 +138,10 @@ def track(lab: Any, design: ChainDesign, measure: Measure, calibration_inputs_mw
 
 def plot_tracking(tracks: dict[str, Tracking], path: str | Path) -> Path:
     """Thesis Fig. 4.8: M over the inputs (optimisations dashed), then z and V_max."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b, c) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    fig = Figure(figsize=(8, 9))
+    a, b, c = fig.subplots(3, 1, sharex=True)
     for name, t in tracks.items():
         a.plot(t.input_index, t.input_m, ".-", label=name)
         b.plot(t.optimised_at, 1e3 * (np.array(t.z_mm) - t.z_mm[0]), "o-", label=name)
@@ -157,5 +155,4 @@ def plot_tracking(tracks: dict[str, Tracking], path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -9,7 +9,10 @@
   (query, set command, unit, limit), so a driver reads like its manual.
 - ``Instrument``: identity check against the expected model, ``write``/``query`` wrappers that
   turn timeouts into errors naming the instrument and the command, error check after every
-  set, ``safe_shutdown()`` on close and on any exception inside a ``with`` block.
+  set, ``safe_shutdown()`` on close and on any exception inside a ``with`` block. After a
+  failed exchange (a timeout, a broken link) the instrument's error queue is read at once
+  (``drain_errors``) and what it held is reported with the command that caused it, so the
+  error is not blamed on the next, valid command.
 
 Imports nothing from the rest of the project.
 """
@@ -196,7 +199,7 @@ class Option:
         if not ok:
             raise OptionError(f"option {name} must be of type {self.type.__name__}, "
                               f"got {value!r}")
-        if self.choices is not None and value not in self.choices:
+        if self.choices is not None and value not in self.choices and value != self.default:
             raise OptionError(f"option {name}={value!r} not allowed; choose one of "
                               f"{', '.join(map(str, self.choices))}")
         return value
@@ -280,8 +283,29 @@ class VisaTransport:
     def read_raw(self, size: int) -> bytes:
         return bytes(self._call(self._res.read_bytes, size))
 
+    def clear(self) -> None:
+        """Device clear (IEEE 488.2 / VISA viClear): drops a late reply still in flight."""
+        self._call(self._res.clear)
+
     def close(self) -> None:
         self._call(self._res.close)
+
+
+def _lock_exclusive(res: Any, address: str) -> None:
+    """Take the VISA exclusive lock (viLock) where the resource supports it, so another
+    program's session cannot send to it; a resource already locked is refused."""
+    import pyvisa
+
+    try:
+        res.lock_excl(timeout=0)
+    except pyvisa.errors.VisaIOError as exc:
+        if exc.error_code == pyvisa.constants.StatusCode.error_resource_locked:
+            res.close()
+            raise ConnectionError(f"{address} is locked by another program (VISA exclusive "
+                                  "lock); nothing was sent") from exc
+        log.debug("%s: no VISA exclusive lock (%s)", address, exc.description)
+    except (NotImplementedError, AttributeError) as exc:  # backends without locking
+        log.debug("%s: no VISA exclusive lock (%s)", address, exc)
 
 
 def open_visa(address: str, backend: str = "", *, read_termination: str | None,
@@ -301,6 +325,7 @@ def open_visa(address: str, backend: str = "", *, read_termination: str | None,
     except (pyvisa.errors.VisaIOError, OSError, ValueError) as exc:
         where = f" with VISA backend {backend!r}" if backend else ""
         raise ConnectionError(f"cannot open {address}{where}: {exc}") from exc
+    _lock_exclusive(res, address)
     res.timeout = timeout_ms
     res.write_termination = write_termination
     res.read_termination = read_termination
@@ -506,20 +531,89 @@ class Instrument:
     def _configure(self) -> None:
         """Put the instrument in a known state and set its own protective limits."""
 
+    def _narrow_limit(self, name: str, lo: float, hi: float, source: str) -> None:
+        """Intersect limit ``name`` with ``[lo, hi]``, what ``source`` (the installed
+        hardware, the controller's own settings) allows; an empty result is refused."""
+        current = self.limits[name]
+        new_lo, new_hi = max(current.min, lo), min(current.max, hi)
+        if new_lo > new_hi:
+            raise LimitError(f"{name} {current} lies outside what {source} allows "
+                             f"[{lo:g}, {hi:g}]; fix the lab configuration",
+                             instrument=self.describe())
+        if (new_lo, new_hi) != (current.min, current.max):
+            log.info("%s: %s narrowed to [%g, %g] (%s)", self.describe(), name, new_lo, new_hi,
+                     source)
+            self.limits = Limits({**self.limits, name: Range(new_lo, new_hi, current.unit)})
+
     # ---- I/O
 
     def _io(self, op: str, command: str, fn: Callable[[], T]) -> T:
+        if getattr(self, "_interrupted", False):
+            self._resynchronise()
         try:
             return fn()
+        except KeyboardInterrupt:
+            # Ctrl-C, SIGTERM or SIGHUP between a query's write and its read: the reply may
+            # still arrive and would be taken for the answer to the next command (seen: the
+            # shutdown's *OPC? read a stale '0,"No error"' and RF stayed on). The next
+            # exchange first clears the instrument's output.
+            self._interrupted = True
+            raise
         except TimeoutError as exc:
             timeout = getattr(self.transport, "timeout_ms", float("nan"))
+            reported = self._errors_after_failure()
             raise InstrumentTimeout(
-                f"no reply to {command!r} within {timeout:g} ms ({op}); check that the "
-                "instrument is on and that the address and termination are right",
+                f"no reply to {command!r} within {timeout:g} ms ({op}){reported}; check that "
+                "the instrument is on and that the address, termination and command are right",
                 instrument=self.describe(), command=command) from exc
         except ConnectionError as exc:
-            raise DriverError(f"{op} {command!r} failed: {exc}", instrument=self.describe(),
-                              command=command) from exc
+            reported = self._errors_after_failure()
+            raise DriverError(f"{op} {command!r} failed: {exc}{reported}",
+                              instrument=self.describe(), command=command) from exc
+
+    def _resynchronise(self) -> None:
+        """After an interrupted exchange: a device clear where the transport has one (drops a
+        reply still in flight), before anything else is sent. Never raises."""
+        self._interrupted = False
+        clear = getattr(self.transport, "clear", None)
+        if clear is None:
+            return
+        try:
+            clear()
+            log.debug("%s: device clear after an interrupted exchange", self.describe())
+        except Exception as exc:  # not every interface has a device clear
+            log.debug("%s: device clear failed: %s", self.describe(), exc)
+
+    def _errors_after_failure(self) -> str:
+        """Read the error queue after a failed exchange: "" or "; the instrument reported: ...".
+
+        A device clear comes first where the transport has one, so that a late reply to the
+        failed command is not taken for an answer to the error query. Never raises: the
+        failed exchange is the error being reported.
+        """
+        if getattr(self, "_draining", False):
+            return ""
+        self._draining = True
+        try:
+            clear = getattr(self.transport, "clear", None)
+            if clear is not None:
+                try:
+                    clear()
+                except Exception as exc:  # not every interface has a device clear
+                    log.debug("%s: device clear failed: %s", self.describe(), exc)
+            errors = self.drain_errors()
+        except Exception as exc:  # the link may be gone altogether
+            log.warning("%s: could not read the error queue after a failed exchange: %s",
+                        self.describe(), exc)
+            return ""
+        finally:
+            self._draining = False
+        return "; the instrument reported: " + "; ".join(errors) if errors else ""
+
+    def drain_errors(self) -> list[str]:
+        """Empty the instrument's error queue and return what it held (no exception for the
+        errors themselves); instruments without a queue return []."""
+        return []
 
     def write(self, command: str) -> None:
         """Send a command (no error check; use ``set`` for settings)."""
@@ -614,6 +708,8 @@ class Instrument:
 
 
 _SCPI_ERROR = re.compile(r"^\s*([+-]?\d+)")
+#: A whole error-queue entry: ``<code>,"<message>"`` (SCPI-99 Vol. 2, 21.8.8 SYSTem:ERRor).
+_SCPI_ERROR_REPLY = re.compile(r'^\s*[+-]?\d+\s*,\s*".*"')
 
 
 class ScpiInstrument(Instrument):
@@ -627,6 +723,18 @@ class ScpiInstrument(Instrument):
 
     def _configure(self) -> None:
         self.write("*CLS")
+
+    def drain_errors(self) -> list[str]:
+        errors: list[str] = []
+        for _ in range(self.MAX_ERRORS):
+            reply = self.query(self.ERROR_QUERY)
+            if _SCPI_ERROR_REPLY.match(reply) is None:  # not an error entry: a stale reply?
+                errors.append(f"(unexpected reply {reply!r} to {self.ERROR_QUERY})")
+                break
+            if int(_SCPI_ERROR.match(reply).group(1)) == 0:  # type: ignore[union-attr]
+                break
+            errors.append(reply)
+        return errors
 
     def check_errors(self, after: str = "") -> None:
         errors: list[str] = []

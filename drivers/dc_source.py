@@ -1,11 +1,16 @@
 """DC sources: Keithley 2400-series SourceMeters and the R&S HMP4040 four-channel supply.
 
-Keithley 2400/2401 (Series 2400 SourceMeter User's Manual, SCPI reference): ``SOURce:FUNCtion
-VOLTage``, ``SOURce:VOLTage[:LEVel]``, ``SENSe:CURRent:PROTection`` (the current compliance),
-``SOURce:VOLTage:PROTection`` (over-voltage protection, one of 20, 40, 60, 80, 100, 120,
-160 V or NONE), ``OUTPut``, ``READ?`` with ``FORMat:ELEMents VOLTage,CURRent``.
+Keithley 2400/2401, checked against the Series 2400 SourceMeter User's Manual, "SCPI Reference
+Tables": ``SOURce:FUNCtion VOLTage`` and ``SOURce:VOLTage:MODE FIXed`` (SOURce summary),
+``SOURce:VOLTage[:LEVel]`` (SOURce summary, amplitude), ``SOURce:VOLTage:PROTection``
+(over-voltage protection, one of 20, 40, 60, 80, 100, 120, 160 V or NONE; SOURce summary),
+``SENSe:FUNCtion 'CURRent'`` and ``SENSe:CURRent:PROTection`` (the current compliance;
+SENSe summary), ``OUTPut[:STATe]`` (OUTPut summary), ``FORMat:ELEMents VOLTage,CURRent``
+(FORMat summary), ``READ?`` ("Measurement commands") and ``SYSTem:ERRor?`` (SYSTem summary).
+PyMeasure's Keithley2400 spells the same short forms.
 
-R&S HMP4040 (HMP series SCPI programmer's manual): ``INSTrument:NSELect 1..4`` selects the
+R&S HMP4040, checked against the HMP series SCPI programmer's manual ("Command reference":
+INSTrument, SOURce, OUTPut, MEASure subsystems): ``INSTrument:NSELect 1..4`` selects the
 channel the following commands act on; ``VOLTage``, ``CURRent`` (the current limit),
 ``VOLTage:PROTection`` (OVP), ``OUTPut[:STATe]`` per channel, ``OUTPut:GENeral`` (master),
 ``MEASure:VOLTage?``/``MEASure:CURRent?``. Each channel: 0-32 V, 0-10 A.

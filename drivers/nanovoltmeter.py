@@ -1,11 +1,16 @@
 """Keithley 2182A nanovoltmeter, and the RF on/off differential measurement of thesis 2.6.1.
 
-Commands from the Keithley Model 2182/2182A User's Manual (2182A-900-01), SCPI chapter:
-``SENSe:CHANnel 1|2``, ``SENSe:FUNCtion 'VOLTage'``, ``SENSe:VOLTage:NPLCycles`` (0.01 to
-50/60 power-line cycles), ``SENSe:VOLTage:CHANnel<n>:RANGe`` (channel 1: 10 mV ... 100 V,
-channel 2: 100 mV ... 10 V), the digital filter ``SENSe:VOLTage:DFILter:STATe|COUNt (1 to
-100)|TCONtrol MOVing|REPeat``, ``READ?`` (trigger and read) and ``FETCh?`` (last reading),
-and the error queue ``SYSTem:ERRor?``.
+Commands checked against the Keithley Model 2182/2182A User's Manual (2182A-900-01),
+"SCPI Reference Tables" (SENSe and SYSTem command summaries) and "Measurement queries":
+``SENSe:CHANnel 1|2`` (SENSe summary, channel select), ``SENSe:FUNCtion 'VOLTage'`` (SENSe
+summary, function), ``SENSe:VOLTage:NPLCycles`` (0.01 to 50/60 power-line cycles; SENSe
+summary, speed), ``SENSe:VOLTage:CHANnel<n>:RANGe[:UPPer]`` and ``...:RANGe:AUTO`` (channel
+1: 10 mV ... 100 V, 120 V the largest expected reading; channel 2: 100 mV ... 10 V; SENSe
+summary, range), the digital filter ``SENSe:VOLTage:DFILter:STATe``, ``:COUNt`` (1 to 100)
+and ``:TCONtrol MOVing|REPeat`` (SENSe summary, filter), ``READ?`` (trigger and read) and
+``FETCh?`` (last reading) ("Measurement queries"), ``SYSTem:ERRor?`` (SYSTem summary; -113
+"Undefined header", -222 "Parameter data out of range"). The driver sends the short forms
+(upper-case letters of each mnemonic); QCoDeS' and PyMeasure's 2182 drivers spell them alike.
 
 The spin-diode voltage is a small DC voltage riding on offsets and drift, so it is measured
 as the difference between a reading with RF on and one with RF off, averaged over ``n_avg``

@@ -10,7 +10,8 @@ flushed after every line, so a crash loses nothing already measured)::
      "t_end": 1732611234.121902}
 
 ``op`` is one of ``write``, ``query``, ``write_raw`` (command = data as hex), ``read_raw``
-(command = byte count, reply = hex) and ``close``; ``error`` is ``"timeout"`` or
+(command = byte count, reply = hex), ``clear`` (device clear, after a failed exchange) and
+``close``; ``error`` is ``"timeout"`` or
 ``"connection"`` when the exchange failed (``message`` then holds the text). Times are Unix
 seconds; ``timeout_ms`` is the I/O timeout in force (the replay reports the same one).
 
@@ -138,6 +139,13 @@ class RecordingTransport:
         return self._exchange("read_raw", str(size), lambda: self.inner.read_raw(size),
                               lambda reply: reply.hex())
 
+    def clear(self) -> None:
+        """Device clear, where the inner transport has one (else ``ConnectionError``)."""
+        inner = getattr(self.inner, "clear", None)
+        if inner is None:
+            raise ConnectionError("this transport has no device clear")
+        self._exchange("clear", "", inner)
+
     def close(self) -> None:
         self._exchange("close", "", self.inner.close)
 
@@ -255,6 +263,9 @@ class ReplayTransport:
 
     def read_raw(self, size: int) -> bytes:
         return bytes.fromhex(self._next("read_raw", str(size))["reply"])
+
+    def clear(self) -> None:
+        self._next("clear", "")
 
     def close(self) -> None:
         self._next("close", "")

@@ -10,9 +10,21 @@ cannot exceed it:
 - N5183B: ``SOURce:POWer:USER:MAX`` with ``SOURce:POWer:USER:ENABle ON`` (Keysight X-Series
   Signal Generators SCPI Command Reference, Amplitude subsystem).
 
+Commands, checked against the manuals: ``SOURce:FREQuency[:CW]`` (SMB100A Operating Manual,
+"SOURce:FREQuency subsystem"; Keysight X-Series SCPI Command Reference, "Frequency
+subsystem"), ``SOURce:POWer[:LEVel][:IMMediate][:AMPLitude]`` ("SOURce:POWer subsystem" /
+"Amplitude subsystem"), ``OUTPut[:STATe]`` ("OUTPut subsystem" in both), ``*IDN?``,
+``*OPT?``, ``*CLS``, ``*OPC?`` (IEEE 488.2 common commands, both manuals) and
+``SYSTem:ERRor[:NEXT]?`` ("SYSTem subsystem"; an unknown header queues -113, a value out of
+range -222, an empty queue reads ``0,"No error"``, ``+0,"No error"`` on the N5183B).
+
 Frequencies are in Hz, levels in dBm (``power_mw`` converts); the ranges below are the
-widest the model family offers (frequency options up to 40 GHz); a lab configuration
-narrows them to the installed option and to what the sample can take.
+widest the model family offers (frequency options up to 40 GHz). At connect the N5183B's
+limits are narrowed to what the unit has: its frequency option from ``*OPT?`` (513, 520,
+532, 540: 13, 20, 31.8, 40 GHz; the same table as QCoDeS' N51x1 driver) and its settable
+level from ``SOUR:POW? MIN`` / ``SOUR:POW? MAX`` (SCPI-99 Vol. 1, 7.2.1.1: a numeric
+setting's query takes MINimum|MAXimum), so the level ceiling is set within the unit's own
+range. A lab configuration narrows them further to what the sample can take.
 """
 
 from __future__ import annotations
@@ -83,12 +95,16 @@ class RfSource(ScpiInstrument):
 
     def _configure(self) -> None:
         super()._configure()
+        self._read_hardware_range()
         ceiling = self.limits["power_dbm"].max
         self._set_level_ceiling(ceiling)
         actual = self._level_ceiling()
         if abs(actual - ceiling) > 0.011:
             raise InstrumentError(f"the instrument's level ceiling reads {actual:g} dBm after "
                                   f"setting {ceiling:g} dBm", instrument=self.describe())
+
+    def _read_hardware_range(self) -> None:
+        """Narrow the limits to the installed options (models that can tell)."""
 
     def _set_level_ceiling(self, dbm: float) -> None:
         raise NotImplementedError
@@ -122,6 +138,7 @@ class RohdeSchwarzSMB100A(RfSource):
                              "power_dbm": Range(-145.0, 30.0, "dBm")}
 
     def _set_level_ceiling(self, dbm: float) -> None:
+        # SMB100A Operating Manual, SOURce:POWer subsystem, :LIMit[:AMPLitude]
         self.set(f"SOUR:POW:LIM:AMPL {dbm:.2f}")
 
     def _level_ceiling(self) -> float:
@@ -136,8 +153,24 @@ class KeysightN5183B(RfSource):
     # Data sheet: 9 kHz to 40 GHz (option 540); settable level -130 dBm (1E1) to +30 dBm.
     HARD_LIMITS: ClassVar = {"freq_hz": Range(9e3, 40e9, "Hz"),
                              "power_dbm": Range(-130.0, 30.0, "dBm")}
+    #: Frequency options of the N5183B and their upper frequency (data sheet; *OPT?).
+    FREQUENCY_OPTIONS: ClassVar[dict[str, float]] = {"513": 13e9, "520": 20e9, "532": 31.8e9,
+                                                      "540": 40e9}
+
+    def _read_hardware_range(self) -> None:
+        reply = self.query("*OPT?")
+        options = {o.strip().strip('"').upper() for o in reply.split(",")}
+        found = [hz for opt, hz in self.FREQUENCY_OPTIONS.items() if opt in options]
+        if not found:
+            raise InstrumentError(f"*OPT? reply {reply!r} names no frequency option "
+                                  f"({', '.join(self.FREQUENCY_OPTIONS)})",
+                                  instrument=self.describe(), command="*OPT?")
+        self._narrow_limit("freq_hz", 0.0, max(found), f"frequency option {reply!r}")
+        self._narrow_limit("power_dbm", self.query_float("SOUR:POW? MIN"),
+                           self.query_float("SOUR:POW? MAX"), "the unit's settable level")
 
     def _set_level_ceiling(self, dbm: float) -> None:
+        # X-Series SCPI Command Reference, Amplitude subsystem, :POWer:USER:MAX and :ENABle
         self.set(f"SOUR:POW:USER:MAX {dbm:.2f}")
         self.set("SOUR:POW:USER:ENAB ON")
 

@@ -2,11 +2,25 @@
 
 Thesis 4.4: a 4-way switch sends the source to one of three chains or to the spectrum
 analyser; thesis 2.6.1: a switch can also gate the RF for the on/off differential
-measurement (``SwitchGate``). Commands from the Mini-Circuits programming manual for its
-Ethernet-controlled switches (ASCII/SCPI over Telnet or HTTP): ``:MN?`` (model name,
-"MN=..."), ``:SN?`` (serial number, "SN=..."), ``:SP4T:STATE:<n>`` (connect COM to port n,
-0 = all ports disconnected; the reply is "1" for success, "0" for failure) and
-``:SP4T:STATE?``.
+measurement (``SwitchGate``).
+
+Commands checked against the Mini-Circuits programming manual for its USB/Ethernet
+controlled mechanical switch boxes (RC- series; "SCPI commands" chapter):
+
+- ``:MN?`` -> ``MN=RC-1SP4T-A18`` (section "Get model name"), ``:SN?`` -> ``SN=<serial>``
+  (section "Get serial number").
+- ``:SP4T<sw>:STATE:<n>`` (section "Set SP4T switch state"): the switch is named by its
+  letter, ``A`` on a box with one SP4T (``B`` on the RC-2SP4T); ``n`` = 1..4 connects COM to
+  port n, 0 disconnects every port. The box answers ``1`` (success) or ``0`` (failure).
+- ``:SP4T<sw>:STATE?`` (section "Get SP4T switch state") answers the port, 0..4.
+- The same box also takes ``SETP=<mask>`` / ``SWPORT?`` (one bit per port, section "Set all
+  switches" / "Get switch states"); QCoDeS' RC-SP4T driver uses these because the
+  ``SP4T`` form needs firmware C8 or later. We send the ``:SP4TA:STATE`` form (the manual's
+  own SP4T section, one command per action and a port number back, not a mask) and the
+  virtual lab and the pyvisa-sim definition accept both.
+- Telnet (port 23): each command ends with CR LF and each reply ends with CR LF
+  (manual, "Ethernet control over Telnet"); over HTTP the command is the URL path
+  (``http://<ip>/:SP4TA:STATE:1``) with no terminator, which this driver does not use.
 
 The switch has no error queue: each set command answers with its own status, which the
 driver checks. Closing leaves every port disconnected.
@@ -26,11 +40,19 @@ class MiniCircuitsRC1SP4T(Instrument):
     KIND = "switch"
     IDN_PATTERN = r"MN=RC-1SP4T"
     INTERFACES = ("TCPIP",)
+    # Manual, "Ethernet control over Telnet": CR LF after every command and every reply.
     READ_TERMINATION = "\r\n"
     WRITE_TERMINATION = "\r\n"
     HARD_LIMITS: ClassVar = {"port": Range(0, 4, "")}  # 0 = all ports disconnected
+    #: The switch letter of the one SP4T in an RC-1SP4T box (manual: "SP4T<sw>", sw = A).
+    SWITCH: ClassVar[str] = "A"
+
+    @property
+    def _state_cmd(self) -> str:
+        return f":SP4T{self.SWITCH}:STATE"
 
     def _identify(self) -> str:
+        # manual, "Get model name" / "Get serial number"
         return f"{self.query(':MN?')}; {self.query(':SN?')}"
 
     def set(self, command: str) -> None:
@@ -54,27 +76,34 @@ class MiniCircuitsRC1SP4T(Instrument):
 
     @property
     def port(self) -> int:
-        """The port COM is connected to (0 = none)."""
-        reply = self.query(":SP4T:STATE?")
+        """The port COM is connected to (0 = none); manual, "Get SP4T switch state"."""
+        command = f"{self._state_cmd}?"
+        reply = self.query(command)
         try:
-            return int(reply.strip())
+            port = int(reply.strip())
         except ValueError:
-            raise ProtocolError(f"unexpected reply {reply!r} to ':SP4T:STATE?'",
-                                instrument=self.describe(), command=":SP4T:STATE?") from None
+            raise ProtocolError(f"unexpected reply {reply!r} to {command!r}",
+                                instrument=self.describe(), command=command) from None
+        if port not in range(0, 5):
+            raise ProtocolError(f"reply {reply!r} to {command!r} is not a port 0-4",
+                                instrument=self.describe(), command=command)
+        return port
 
     @port.setter
     def port(self, value: int) -> None:
+        """Connect COM to port ``value`` (0 = none); manual, "Set SP4T switch state"."""
         if isinstance(value, bool) or not isinstance(value, int):
             raise LimitError(f"port must be an integer, got {value!r}; nothing was sent",
                              instrument=self.describe())
         self.limits["port"].check("port", value, instrument=self.describe())
-        self.set(f":SP4T:STATE:{value}")
+        self.set(f"{self._state_cmd}:{value}")
 
     def safe_shutdown(self) -> None:
         """Disconnect every port, confirmed by read-back."""
-        self.set(":SP4T:STATE:0")
+        command = f"{self._state_cmd}:0"
+        self.set(command)
         if self.port != 0:
-            raise InstrumentError("a port is still connected after :SP4T:STATE:0",
+            raise InstrumentError(f"a port is still connected after {command}",
                                   instrument=self.describe())
 
     def status(self) -> str:

@@ -1,8 +1,10 @@
 """R&S FSV signal and spectrum analyser: centre/span/RBW, single sweep, peak marker.
 
 Used to calibrate the multi-channel VCO source in frequency and power (thesis 4.5.2): tune a
-channel, sweep around it, read the peak marker. Commands from the R&S FSV Operating Manual
-(remote control): ``[SENSe:]FREQuency:CENTer|SPAN``, ``[SENSe:]BANDwidth[:RESolution]``,
+channel, sweep around it, read the peak marker. Commands checked against the R&S FSV
+Operating Manual, "Remote Control - Commands" (SENSe:FREQuency, SENSe:BANDwidth, INPut,
+DISPlay, INITiate, CALCulate:MARKer subsystems; common commands; SYSTem:ERRor):
+``[SENSe:]FREQuency:CENTer|SPAN``, ``[SENSe:]BANDwidth[:RESolution]``,
 ``INPut:ATTenuation`` (0-70 dB in 5 dB steps), ``DISPlay[:WINDow]:TRACe:Y[:SCALe]:RLEVel``,
 ``INITiate:CONTinuous OFF`` + ``INITiate[:IMMediate]`` and ``*OPC?`` for a complete single
 sweep, ``CALCulate:MARKer1:MAXimum[:PEAK]``, ``CALCulate:MARKer1:X?`` and ``:Y?``.

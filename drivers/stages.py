@@ -11,12 +11,17 @@ closing the driver stops the axis.
 Relative moves are sent as absolute moves to ``position + delta``: the limit check is then
 exact, and a retried command cannot double a step.
 
-Newport SMC100CC/PP (SMC100 User's Manual, "Command set"): RS-232 57600 baud 8N1 XON/XOFF,
-CR LF; every command is ``<address><two letters><value>``: ``OR`` home search, ``PA`` move
-absolute, ``PR`` move relative, ``TP`` tell position, ``TS`` positioner error (4 hex digits)
-and controller state (2 hex digits), ``TE`` last command error (one letter, ``@`` = none),
-``ST`` stop, ``VA`` velocity, ``SL``/``SR`` negative/positive software limits, ``VE``
-controller version, ``ID?`` stage identifier.
+Newport SMC100CC/PP, checked against the SMC100CC/PP User's Manual, "Command set" (one
+entry per two-letter command) and "Communication parameters": RS-232 57600 baud 8N1
+XON/XOFF, CR LF; every command is ``<address><two letters><value>`` and a query is the
+command followed by ``?`` (``ID?``, ``VA?``, ``SL?``, ``SR?``) except ``TP``, ``TS``,
+``TE`` and ``VE``, which only query. Used: ``OR`` home search, ``PA`` move absolute, ``TP``
+tell position, ``TS`` positioner error (4 hex digits) and controller state (2 hex digits),
+``TE`` last command error (one letter, ``@`` = none; reading clears it), ``ST`` stop,
+``VA`` velocity, ``SL``/``SR`` negative/positive software limits (SL in [-1e12, 0], SR in
+[0, 1e12]), ``VE`` controller version, ``ID?`` stage identifier. Any stage the controller
+reports is accepted (see ``NewportSMC100``). PyMeasure's and the common open-source SMC100
+drivers spell the commands the same way.
 
 Thorlabs KDC101 (Thorlabs APT Controllers Host-Controller Communications Protocol): FTDI
 serial at 115200 baud, RTS/CTS; little-endian messages of a 6-byte header, optionally
@@ -49,6 +54,7 @@ from drivers.base import (
     LimitError,
     Limits,
     Option,
+    OptionError,
     ProtocolError,
     Range,
     SerialSettings,
@@ -104,7 +110,10 @@ class Stage(Instrument):
 
     @property
     def stage(self) -> StageModel:
-        return self.STAGES[self.options["stage"]]
+        """The stage on this axis: the one the controller reported at connect, else the
+        configured one."""
+        reported = getattr(self, "_reported_stage", None)
+        return reported if reported is not None else self.stage_model(self.options)
 
     @property
     def unit(self) -> str:
@@ -325,26 +334,68 @@ _SMC100_READY = {0x32, 0x33, 0x34, 0x35}
 _SMC100_DISABLED = {0x3C, 0x3D, 0x3E}
 
 
+#: Bounds the SMC100 takes for SL and SR ("SL: -1e12 to 0", "SR: 0 to 1e12", manual).
+SMC100_SOFT_LIMIT_SPAN = 1e12
+
+
+def _stage_key(name: str) -> str:
+    return name.replace("-", "").replace("_", "").upper()
+
+
 class NewportSMC100(Stage):
-    """Newport SMC100CC/PP single-axis controller on a serial port (RS-485 address option)."""
+    """Newport SMC100CC/PP single-axis controller on a serial port (RS-485 address option).
+
+    Any stage the controller reports is accepted. The ``stage`` option, when given, must match
+    what the controller reports (``ID?``); ``""`` takes whichever stage is connected. Travel
+    and speed limits: the data sheet for the stages in ``STAGES``, narrowed by the lab
+    configuration; for any other stage, the configuration's limits or else the
+    controller's own software limits (``SL?``/``SR?``) and velocity (``VA?``).
+    """
 
     MODEL = "Newport SMC100"
     IDN_PATTERN = r"SMC(100)?_?(CC|PP)"
+    # SMC100 User's Manual, "Communication parameters": 57600 baud, 8 data bits, 1 stop
+    # bit, no parity, XON/XOFF; "Command syntax": every command and reply ends with CR LF.
     READ_TERMINATION = "\r\n"
     WRITE_TERMINATION = "\r\n"
     SERIAL = SerialSettings(57600, flow_control="xon_xoff")
+    #: Data-sheet travel and speed of the stages used on the thesis bench.
     STAGES: ClassVar = {
         "LTA-HS": StageModel("LTA-HS", "mm", (0.0, 50.0), 5.0),
         "LTA-HL": StageModel("LTA-HL", "mm", (0.0, 25.0), 5.0),
         "URS100BCC": StageModel("URS100BCC", "deg", (-360.0, 360.0), 20.0),
     }
     OPTIONS: ClassVar = {
-        "stage": Option(str, "LTA-HS", "stage model on this controller",
-                        tuple(STAGES)),
+        "stage": Option(str, "", "stage model the controller must report ('' = any); "
+                        "data-sheet limits known for " + ", ".join(STAGES)),
+        "unit": Option(str, "", "mm or deg for a stage not in the driver's table "
+                       "(default mm)", ("mm", "deg")),
         "controller_address": Option(int, 1, "RS-485 address (1-31)", tuple(range(1, 32))),
         "move_timeout_s": Option(float, 60.0, "longest a move may take (s)"),
         "home_timeout_s": Option(float, 120.0, "longest a home search may take (s)"),
     }
+
+    @classmethod
+    def known_stage(cls, name: str) -> StageModel | None:
+        """The table entry for a stage name as configured or reported (e.g. "1IDLTA-HS")."""
+        key = _stage_key(name)
+        for stage_name, model in cls.STAGES.items():
+            if key and (key == _stage_key(stage_name) or key.startswith(_stage_key(stage_name))):
+                return model
+        return None
+
+    @classmethod
+    def stage_model(cls, options: dict[str, Any] | None = None) -> StageModel:
+        opts = cls.validate_options(options)
+        known = cls.known_stage(opts["stage"])
+        if known is not None:
+            if opts["unit"] and opts["unit"] != known.unit:
+                raise OptionError(f"option unit={opts['unit']!r} contradicts stage "
+                                  f"{known.name}, which works in {known.unit}")
+            return known
+        span = SMC100_SOFT_LIMIT_SPAN
+        return StageModel(opts["stage"] or "any stage", opts["unit"] or "mm", (-span, span),
+                          span)
 
     def _cmd(self, code: str, value: str = "") -> str:
         return f"{self.options['controller_address']}{code}{value}"
@@ -368,32 +419,66 @@ class NewportSMC100(Stage):
                                 instrument=self.describe(), command=self._cmd(code)) from None
 
     def _identify(self) -> str:
+        # VE: controller revision; ID?: stage identifier (manual, command set "VE", "ID")
         return f"{self._ask('VE')}; stage {self._ask('ID?')}"
 
     def _check_identity(self, identity: str) -> None:
         super()._check_identity(identity)
-        stage_id = identity.split("; stage ", 1)[-1]
-        wanted = self.options["stage"].replace("-", "").upper()
-        if wanted not in stage_id.replace("-", "").upper():
-            raise IdentityError(f"the lab configuration says stage {self.options['stage']!r} "
-                                f"but the controller reports {stage_id!r}; a wrong stage "
-                                "model would mean wrong units and limits",
+        stage_id = identity.split("; stage ", 1)[-1].strip()
+        wanted = self.options["stage"]
+        if wanted and _stage_key(wanted) not in _stage_key(stage_id):
+            raise IdentityError(f"the lab configuration says stage {wanted!r} but the "
+                                f"controller reports {stage_id!r}; a wrong stage model would "
+                                "mean wrong units and limits", instrument=self.describe())
+        configured = self.stage_model(self.options)
+        known = self.known_stage(stage_id)
+        if known is not None and known.unit != configured.unit:
+            raise IdentityError(f"the controller reports stage {stage_id!r}, which works in "
+                                f"{known.unit}, but the lab configuration uses this axis in "
+                                f"{configured.unit} (options: stage, unit)",
                                 instrument=self.describe())
+        self._reported_stage = known if known is not None else StageModel(
+            stage_id or configured.name, configured.unit, configured.travel,
+            configured.max_velocity)
 
     def check_errors(self, after: str = "") -> None:
-        code = self._ask("TE")[:1]
+        code = self._ask("TE")[:1]  # TE: last command error, "@" = none (manual, "TE")
         if code and code != "@":
             message = SMC100_COMMAND_ERRORS.get(code, "unknown error code")
             where = f" after {after!r}" if after else ""
             raise InstrumentError(f"controller reported{where}: {code} - {message}",
                                   instrument=self.describe(), command=after or None)
 
+    def drain_errors(self) -> list[str]:
+        """Read ``TE`` once (it holds only the last error, and reading clears it)."""
+        code = self._ask("TE")[:1]
+        if code and code != "@":
+            return [f"{code} - {SMC100_COMMAND_ERRORS.get(code, 'unknown error code')}"]
+        return []
+
     def _configure(self) -> None:
         stale = self._ask("TE")[:1]  # reading TE clears it; an old error is not ours
         if stale not in ("", "@"):
             log.info("%s: cleared a stale command error %s", self.describe(), stale)
+        self._take_stage_limits()
         if self._state() in _SMC100_READY:
             self._after_home()
+
+    def _take_stage_limits(self) -> None:
+        """Narrow the limits to the reported stage: its data sheet if the driver knows it,
+        else the controller's SL/SR and VA for whatever the configuration left open."""
+        stage, u = self.stage, self.unit
+        pos, vel = f"position_{u}", f"velocity_{u}_s"
+        if self.known_stage(stage.name) is not None:
+            self._narrow_limit(pos, *stage.travel, f"the {stage.name} data sheet")
+            self._narrow_limit(vel, 0.0, stage.max_velocity, f"the {stage.name} data sheet")
+            return
+        hard = self.hard_limits(self.options)
+        if self.limits[pos] == hard[pos]:  # the configuration names no travel
+            self._narrow_limit(pos, self._number("SL?"), self._number("SR?"),
+                               "the controller's software limits SL/SR")
+        if self.limits[vel] == hard[vel]:  # nor a speed
+            self._narrow_limit(vel, 0.0, self._number("VA?"), "the controller's velocity VA")
 
     def _after_home(self) -> None:
         """Mirror the soft limits into the controller (SL/SR) and cap its velocity (VA).

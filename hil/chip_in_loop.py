@@ -20,8 +20,6 @@ unchanged (rollback, per-trial learning rates, per-epoch evaluation, now measure
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -369,5 +367,4 @@ def print_summary(summary: dict[str, Any], folder: RunFolder) -> None:
     print(f"device: {int(np.sum([d['device_runs'] for d in dev]))} runs, "
           f"{int(np.sum([d['device_uploads'] for d in dev]))} uploads, "
           f"{np.sum([d['device_time_s'] for d in dev]):.3f} s of device time")
-    print(json.dumps({"run_folder": str(folder)}))
-    print(f"run folder: {folder}", file=sys.stderr)
+    print(f"run folder: {folder}")

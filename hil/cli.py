@@ -2,13 +2,25 @@
 
 Each subcommand lives in its own module exposing ``register(subparsers)``; the module's
 handler receives the parsed arguments and returns an exit code.
+
+Every way of ending the program makes the bench safe the same way: SIGTERM (``kill``, a job
+scheduler) and SIGHUP (the terminal closed) raise ``Terminated``, a ``KeyboardInterrupt``, so
+they take exactly the path of Ctrl-C: every open ``Lab`` and driver ``with`` block closes,
+which switches RF off, sets DC outputs to 0, stops the stages and closes the instruments. A
+second SIGTERM/SIGHUP during that shutdown is ignored, so it cannot cut the shutdown short.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
+import signal
 import sys
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
 
 from hil import __version__
 from hil.errors import HilError
@@ -27,6 +39,26 @@ COMMAND_MODULES = (
 )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: unwound like Ctrl-C, so the same safe shutdown runs."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # let the shutdown finish
+    raise Terminated(signum)
+
+
+def install_termination_handlers() -> None:
+    """SIGTERM and SIGHUP unwind the program like Ctrl-C (main thread only)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hil",
@@ -37,20 +69,103 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _add_output_options(parser, top=True)
+    for leaf in _leaf_parsers(parser):
+        _add_output_options(leaf, top=False)
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parsers that end a command line (``hil train``, ``hil lab check``, ...)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # an alias maps to the same parser
+            children = [a for a in child._actions if isinstance(a, argparse._SubParsersAction)]
+            yield from (_leaf_parsers(child) if children else [child])
+
+
+def _add_output_options(p: argparse.ArgumentParser, top: bool) -> None:
+    """-v, --log-level, --json and --log, accepted before or after the command's name."""
+    from hil.logs import LEVELS
+    from hil.viewers import VIEWERS
+
+    def default(value: Any) -> Any:  # on a command, an absent option keeps the top level's value
+        return value if top else argparse.SUPPRESS
+
+    g = p.add_argument_group("output and logging")
+    g.add_argument("-v", "--verbose", action="count", default=default(0),
+                   help="show hil's debug messages, instrument traffic included, on the terminal "
+                   "(they always go to hil.log in the run folder)")
+    g.add_argument("--log-level", type=str.upper, choices=LEVELS, default=default(None),
+                   help="lowest level of messages on the terminal (default WARNING)")
+    g.add_argument("--json", action="store_true", default=default(False),
+                   help="print one JSON object on stdout (command, exit code, run folder, summary); "
+                   "the human-readable text goes to stderr")
+    g.add_argument("--log", action="append", choices=VIEWERS, default=default(None), metavar="VIEWER",
+                   help="also write every metric for a viewer: tensorboard (event files in "
+                   "<run folder>/tensorboard; pip install 'hil[tensorboard]')")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    install_termination_handlers()
+    from hil.logs import cli_session, console_level
+
+    stdout = sys.stdout
+    level = console_level(args.verbose, args.log_level)
+    with cli_session(level, list(dict.fromkeys(args.log or []))) as folders:
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            rc = _dispatch(args)
+    if args.json:
+        print(json.dumps(_result(args, rc, folders), default=str), file=stdout, flush=True)
+    return rc
+
+
+def _result(args: argparse.Namespace, rc: int, folders: list[Any]) -> dict[str, Any]:
+    """``--json``: what the command did, for scripts."""
+    out: dict[str, Any] = {"command": args.command, "exit_code": rc}
+    if getattr(args, "error", None):
+        out["error"] = args.error
+    if folders:
+        out["run_folder"] = str(folders[0].path)
+        for name in ("summary.json", "tune_summary.json"):
+            path = folders[0].path / name
+            if path.is_file():
+                out["summary"] = json.loads(path.read_text())
+                break
+    return out
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; errors the user can act on become one line on stderr."""
+    from hil.extras import hint
+
     try:
+        from hil.viewers import check_viewers
+
+        check_viewers(args.log or [])
         return int(args.func(args) or 0)
     except HilError as exc:
-        print(f"hil {args.command}: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        extra = hint(exc)
+        if extra and "pip install" not in message:
+            message += f" ({extra})"
+        args.error = message
+        print(f"hil {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"hil {args.command}: interrupted; partial results are in the run folder.", file=sys.stderr)
-        return 130
+    except ImportError as exc:  # an optional package: name the extra; anything else is a bug
+        extra = hint(exc)
+        if extra is None:
+            raise
+        args.error = extra
+        print(f"hil {args.command}: error: {extra}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        how = signal.Signals(exc.signum).name if isinstance(exc, Terminated) else "interrupted"
+        print(f"hil {args.command}: {how}; instruments made safe; partial results are in the "
+              "run folder.", file=sys.stderr)
+        return 128 + exc.signum if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,9 @@ import yaml
 from hil.errors import ConfigError
 from sims.neurons import NEURON_TYPES, default_fixed_bias
 
+SCHEMES = ("euler", "expheun")  # as hil.engine.SCHEMES (the engine checks they agree)
+EXPHEUN_KINDS = ("spintronic", "ctrnn")
+
 TASKS = ("digits", "sine_square", "flipflop")
 ENGINES = ("fast", "reference")
 BPTT_MODES = ("full", "truncated", "shifted", "exact")
@@ -43,7 +46,13 @@ class ModelConfig:
     density_inter: float = 0.5
     density_intra: float = 0.5
     dt_ns: float = 1.0  # time between two input points
-    substeps: int = 4  # Euler steps per input point
+    substeps: int = 4  # integration steps per input point
+    integrator: str | None = None  # euler | expheun (hil.engine.SCHEMES); None: expheun where defined
+    # thermal diffusion of the oscillator's power (GHz): the Ito drift of thermal noise, so that
+    # an oscillator below threshold rests at ~D / (gamma - I) instead of exactly 0 and one above
+    # threshold always starts; the simulated chip's default is 2e-5 (spintronic neurons; other
+    # neuron types have no power and ignore it)
+    thermal_d_ghz: float = 0.0
     w_clip_dt: float | None = 0.25  # weights clipped to w_clip_dt / dt_ns (thesis 6.7.2); None: off
     b_clip_dt: float | None = 0.15  # biases clipped to b_clip_dt / dt_ns; None: off
     init_scale: float = 1.0  # weights ~ U(-a, a), a = init_scale / sqrt(fan-in)
@@ -63,8 +72,17 @@ class ModelConfig:
         return self.highpass if self.highpass is not None else self.neuron != "ctrnn"
 
     @property
+    def scheme(self) -> str:
+        """The integration scheme that runs: ``integrator``, or by default exponential Heun
+        (converged at a few steps per point, stable at any drive) where the neuron type has it,
+        explicit Euler for the clipped comparison neurons of thesis eq. 5.12."""
+        if self.integrator is not None:
+            return self.integrator
+        return "expheun" if self.neuron in EXPHEUN_KINDS else "euler"
+
+    @property
     def h_ns(self) -> float:
-        """Euler step."""
+        """Integration step."""
         return self.dt_ns / self.substeps
 
     @property
@@ -118,10 +136,33 @@ class TrainConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """Hardware-aware off-chip training: the chip's known non-idealities, drawn afresh in every
+    training pass (never in evaluation), so that the weights found work on a chip that has
+    them. Names and meanings as the simulated chip's settings
+    (:class:`sims.oscillator_device.DeviceConfig`); 0 or null: off."""
+
+    weight_bits: int | None = None  # weights quantised over +-w_clip, biases over +-b_clip (STE)
+    program_noise: float = 0.0  # write error per pass, std relative to w_clip (b_clip)
+    synapse_gain_cv: float = 0.0  # multiplicative gain error of every synapse
+    offset_std: float = 0.0  # drive offset of every oscillator (GHz)
+    cv_gamma: float = 0.0  # mismatch of the damping (log-normal, coefficient of variation)
+    cv_sigma: float = 0.0  # mismatch of the drive coefficient
+    readout_noise: float = 0.0  # std added to every state the readout reads
+
+    @property
+    def active(self) -> bool:
+        return self.weight_bits is not None or any(
+            getattr(self, k) > 0 for k in ("program_noise", "synapse_gain_cv", "offset_std",
+                                           "cv_gamma", "cv_sigma", "readout_noise"))
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
     preset: str | None = None
 
@@ -156,6 +197,13 @@ def validate(cfg: RunConfig, source: str | None = None) -> RunConfig:
     _pos(m.tau_ns, "model.tau_ns", source)
     _pos(m.dt_ns, "model.dt_ns", source)
     _req(m.substeps >= 1, "model.substeps", f"must be an integer >= 1, got {m.substeps}", source)
+    _req(m.integrator is None or m.integrator in SCHEMES, "model.integrator",
+         f"unknown integrator {m.integrator!r}; allowed: {', '.join(SCHEMES)} or null", source)
+    _req(math.isfinite(m.thermal_d_ghz) and m.thermal_d_ghz >= 0, "model.thermal_d_ghz",
+         f"must be >= 0, got {m.thermal_d_ghz}", source)
+    _req(m.scheme != "expheun" or m.neuron in EXPHEUN_KINDS, "model.integrator",
+         f"'expheun' is defined for {', '.join(EXPHEUN_KINDS)} neurons, not {m.neuron!r}; use euler",
+         source)
     _req(math.isfinite(m.q) and m.q >= 0, "model.q", f"must be >= 0, got {m.q}", source)
     _pos(m.sigma, "model.sigma", source)
     _pos(m.S, "model.S", source)
@@ -188,6 +236,18 @@ def validate(cfg: RunConfig, source: str | None = None) -> RunConfig:
     _req(t.input_noise >= 0, "task.input_noise", f"must be >= 0, got {t.input_noise}", source)
     _req(t.delay >= 0, "task.delay", f"must be >= 0, got {t.delay}", source)
 
+    hw = cfg.hardware
+    if hw.weight_bits is not None:
+        _req(isinstance(hw.weight_bits, int) and 2 <= hw.weight_bits <= 32, "hardware.weight_bits",
+             f"must be an integer in [2, 32] or null, got {hw.weight_bits!r}", source)
+        _req(m.w_clip is not None and m.b_clip is not None, "hardware.weight_bits",
+             "quantisation needs the programmable ranges: set model.w_clip_dt and model.b_clip_dt", source)
+    for key in ("program_noise", "synapse_gain_cv", "offset_std", "cv_gamma", "cv_sigma", "readout_noise"):
+        v = getattr(hw, key)
+        _req(math.isfinite(v) and v >= 0, f"hardware.{key}", f"must be a number >= 0, got {v!r}", source)
+    _req(hw.program_noise == 0 or (m.w_clip is not None and m.b_clip is not None), "hardware.program_noise",
+         "the write error is relative to the programmable ranges: set model.w_clip_dt and b_clip_dt", source)
+
     _req(tr.epochs >= 1, "train.epochs", f"must be >= 1, got {tr.epochs}", source)
     _req(tr.batch_size >= 1, "train.batch_size", f"must be >= 1, got {tr.batch_size}", source)
     _pos(tr.lr0, "train.lr0", source)
@@ -212,7 +272,7 @@ def validate(cfg: RunConfig, source: str | None = None) -> RunConfig:
 
 # ----------------------------------------------------------------------------- loading
 
-_SECTIONS = {"model": ModelConfig, "task": TaskConfig, "train": TrainConfig}
+_SECTIONS = {"model": ModelConfig, "task": TaskConfig, "train": TrainConfig, "hardware": HardwareConfig}
 
 
 def _coerce(value: Any, typ: Any, key: str, source: str | None) -> Any:

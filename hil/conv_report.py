@@ -7,7 +7,7 @@ maps, the lab time per image, and writes a small markdown summary.
 
 Array conventions: MAC outputs are (N_images, K_kernels, H, W); the background mask is
 boolean (N_images, H, W), true where the 2x2 input patch is all zero.
-matplotlib (Agg backend) is imported inside the plotting functions only.
+matplotlib is imported inside the plotting functions only; figures are drawn without pyplot.
 """
 
 from __future__ import annotations
@@ -22,11 +22,8 @@ _REFERENCE_PLAN = "Algorithm 3 as written"
 
 
 def _pyplot() -> Any:
-    """matplotlib.pyplot with the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Figures without pyplot (no backend switch), see :mod:`hil.plots`."""
+    from hil.plots import plt
 
     return plt
 

@@ -3,8 +3,11 @@
 * relaxation time vs input time step: ``dt < tau`` (memory), ideally ``tau ~ 10 dt`` (thesis 6.10);
 * cumulative drive ``I * dt ~ 1`` with ``I = S * <|W|> * sqrt(N_fan-in)`` (eq. 9, 11), within
   the roughly five-fold window the paper reports;
-* explicit Euler stays stable while the largest drive times the Euler step is small
-  (about ``|I| h < 2``): raise ``model.substeps`` otherwise.
+* explicit Euler (``model.integrator: euler``) stays stable while the largest drive times the
+  step is small (about ``|I| h < 2``): raise ``model.substeps`` otherwise. The exponential
+  Heun scheme solves each neuron's equation in closed form and is stable at any step; how far
+  either is from a converged solution is measured by :func:`hil.convergence.step_error`
+  (``hil design`` reports it).
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ def check(cfg: ModelConfig, layer_weights: list[dict[str, torch.Tensor]] | None 
     warnings: list[str] = []
     tau, dt = cfg.tau_ns, cfg.dt_ns
     report: dict[str, Any] = {"tau_ns": tau, "dt_ns": dt, "tau_over_dt": tau / dt,
-                              "euler_step_ns": cfg.h_ns, "substeps": cfg.substeps}
+                              "step_ns": cfg.h_ns, "substeps": cfg.substeps,
+                              "integrator": cfg.scheme}
+    euler = cfg.scheme == "euler"
     if dt >= tau:
         warnings.append(f"input time step dt = {dt} ns is not shorter than the relaxation time "
                         f"tau = {tau} ns: the network forgets between inputs (paper: dt < tau)")
     gamma_h = cfg.gamma * cfg.h_ns
-    if gamma_h > 0.5:
+    if euler and gamma_h > 0.5:
         warnings.append(f"gamma * h = {gamma_h:.2f} > 0.5: Euler step too coarse; raise substeps")
     fan_in = cfg.density_inter * cfg.n_hidden + cfg.density_intra * cfg.n_hidden
     report["fan_in"] = fan_in
@@ -58,7 +63,7 @@ def check(cfg: ModelConfig, layer_weights: list[dict[str, torch.Tensor]] | None 
             if not lo <= drive <= hi:
                 warnings.append(f"layer {li}: cumulative drive I*dt = {drive:.2f} is outside "
                                 f"[{lo}, {hi}] (paper eq. 11: about 1)")
-            if peak * cfg.h_ns > 2:
+            if euler and peak * cfg.h_ns > 2:
                 warnings.append(f"layer {li}: peak drive x Euler step = {peak * cfg.h_ns:.2f} > 2:"
                                 " explicit Euler may diverge; raise model.substeps")
     report["layers"] = layers

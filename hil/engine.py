@@ -62,7 +62,25 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from sims.neurons import CLIPPED_TYPES, TANH_OUTPUT_TYPES
+from hil import config
+from sims.neurons import (
+    CLIPPED_TYPES,
+    HELD_DRIVE_TYPES,
+    PSI_COEF,
+    TANH_OUTPUT_TYPES,
+    Z_CAP,
+    Z_SERIES,
+    held_drive_step,
+)
+
+#: Integration schemes of a sub-step. ``euler``: explicit Euler of the whole network (first
+#: order, stable only while drive x step < ~2). ``expheun``: exponential Heun (second order,
+#: stable at any step): each neuron's own equation solved exactly at a drive held over the
+#: sub-step, that drive the mean of the step's start and of a predicted end.
+SCHEMES = ("euler", "expheun")
+#: Neuron types with a closed-form step at held drive (logistic equation; linear ODE).
+EXPHEUN_KINDS = HELD_DRIVE_TYPES
+assert (SCHEMES, EXPHEUN_KINDS) == (config.SCHEMES, config.EXPHEUN_KINDS)
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,20 @@ class Dynamics:
     q: torch.Tensor | None  # (K, 1, M) or None when Q = 0 everywhere
     a: torch.Tensor | None  # (K, 1, 1) filter decay per step, None: no filter
     layer_size: int | None = None  # N: Wr is the layer band (see module docstring); None: dense
+    scheme: str = "euler"  # one of SCHEMES: how a sub-step is integrated (see module docstring)
+    # expheun's filter: Y' = a Y + a_half (o(X') - o(X)); None: 1 (Euler's filter has no factor)
+    a_half: torch.Tensor | None = None
+    # (K, 1, 1) thermal floor D_th of the spintronic neuron (expheun only); None: none
+    floor: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown integration scheme {self.scheme!r}; allowed: {', '.join(SCHEMES)}")
+        if self.scheme == "expheun" and self.kind not in EXPHEUN_KINDS:
+            raise ValueError(f"scheme 'expheun' is defined for {', '.join(EXPHEUN_KINDS)} neurons, "
+                             f"not {self.kind!r}; use 'euler'")
+        if self.floor is not None and self.kind != "spintronic":
+            raise ValueError("a thermal floor is for spintronic neurons (the power's thermal drift)")
 
     @property
     def clipped(self) -> bool:
@@ -110,6 +142,14 @@ def _out(dyn: Dynamics, x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x) if dyn.tanh_out else x
 
 
+def exact_step(dyn: Dynamics, x: torch.Tensor, D: torch.Tensor, grads: bool = False
+               ) -> tuple[torch.Tensor, ...]:
+    """One sub-step of each neuron's own equation solved exactly at the held drive ``D``
+    (:func:`sims.neurons.held_drive_step`, the chip's definition); with ``grads`` also
+    ``dx'/dx`` and ``dx'/dD``. The native kernel's ``phi`` computes the same formulas."""
+    return held_drive_step(dyn.kind, x, D, dyn.gamma, dyn.h, dyn.q, torch, grads, dyn.floor)
+
+
 def band_mask(M: int, layer_size: int | None, device: torch.device | None = None) -> torch.Tensor:
     """``(M_send, M_recv)`` bool: where ``Wr`` may be non-zero (all of it when ``layer_size``
     is None)."""
@@ -137,6 +177,43 @@ def scan_reference(
     xs, ys = list(X0), list(Y0)
     T = C.shape[2]
     out = []
+
+    def drives(t: int, yy: list[torch.Tensor]) -> list[torch.Tensor]:
+        res = []
+        for li, sl in enumerate(layer_slices):
+            drive = C[:, :, t, sl]
+            for m in range(L):
+                w = Wr_blocks[li][m]
+                if w is not None:
+                    drive = drive + torch.bmm(yy[m], w)
+            res.append(drive)
+        return res
+
+    def sub(dd: Dynamics, sl: slice) -> Dynamics:
+        return Dynamics(dd.kind, dd.h, dd.substeps, dd.gamma[..., sl],
+                        None if dd.q is None else dd.q[..., sl], dd.a, None, dd.scheme, dd.a_half,
+                        dd.floor)
+
+    def filt(y: torch.Tensor, xn: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if dyn.a is None:
+            return _out(dyn, xn)
+        inc = _out(dyn, xn) - _out(dyn, x)
+        return dyn.a * y + (inc if dyn.a_half is None else dyn.a_half * inc)
+
+    if dyn.scheme == "expheun":
+        subs = [sub(dyn, sl) for sl in layer_slices]
+        for t in range(T):
+            for _ in range(dyn.substeps):
+                d0 = drives(t, ys)
+                xp = [exact_step(subs[li], xs[li], d0[li])[0] for li in range(L)]
+                yp = [filt(ys[li], xp[li], xs[li]) for li in range(L)]
+                d1 = drives(t, yp)
+                xn = [exact_step(subs[li], xs[li], 0.5 * (d0[li] + d1[li]))[0] for li in range(L)]
+                ys = [filt(ys[li], xn[li], xs[li]) for li in range(L)]
+                xs = xn
+            out.append(torch.cat(xs, dim=-1))
+        return torch.stack(out, dim=2), torch.cat(xs, -1), torch.cat(ys, -1)
+
     for t in range(T):
         for _ in range(dyn.substeps):
             new_x, new_y = [], []
@@ -153,6 +230,8 @@ def scan_reference(
                 else:
                     damp = gam * x
                 f = -damp + drive * _gain(dyn.kind, x)
+                if dyn.floor is not None:
+                    f = f + dyn.floor
                 xn = x + dyn.h * f
                 if dyn.clipped:
                     xn = torch.clamp(xn, 0.0, 1.0)
@@ -203,8 +282,10 @@ template <class T> constexpr int RW = 64 / sizeof(T);  // rows per tile
 template <class T> struct Job {
   int64_t K, B, NT, M, S, nb, tpk, kind, has_q, has_filter, nthreads, ftz;
   int64_t gslots, ncp;  // input points per adjoint block, Y checkpoints per tile
+  int64_t scheme;       // 0: explicit Euler, 1: exponential Heun (see the Python docstring)
   T h;
-  const T *C, *W, *WT, *X0, *Y0, *gamma, *q, *a;
+  const T *C, *W, *WT, *X0, *Y0, *gamma, *q, *a, *ah;  // ah: expheun's filter increment factor
+  const T* th;  // expheun: thermal floor per trial (null: none)
   T *Xseq, *Xf, *Yf, *Ycp;  // Ycp: Y at adjoint block starts, tile layout (K, tpk, ncp, M, R)
   const T *gXseq, *gXf, *gYf;
   T *gC, *gWp, *gW, *gX0, *gY0;
@@ -458,21 +539,15 @@ template <class T> void stash_rows(T* dst, const T* src, int nr, int64_t M) {
     for (int k = 0; k < R; ++k) dst[k * M + i] = k < nr ? src[i * R + k] : T(0);
 }
 
-// tanh of a vector. double: libm per lane (the exact path the float64 tests compare with).
-template <class T> inline V<T> vtanh(V<T> x) {
-  for (int r = 0; r < RW<T>; ++r) x[r] = std::tanh(x[r]);
-  return x;
+// exp of a vector. double: libm per lane. float: all lanes at once, e^y = 2^n exp(r),
+// n = round(y / ln 2), |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial (relative error
+// < 1e-8); valid for |y| <= 87 (the callers cap their arguments).
+template <class T> inline V<T> vexp(V<T> y) {
+  for (int r = 0; r < RW<T>; ++r) y[r] = std::exp(y[r]);
+  return y;
 }
-// float: all 16 lanes at once (libm's scalar tanh made the CTRNN 4x slower to train than the
-// spintronic network). |x| < 1/8: odd Taylor series to x^7 (relative error < 2e-9); else
-// tanh|x| = (1 - e) / (1 + e), e = exp(-2|x|) = 2^n exp(r), n = round(-2|x| / ln 2),
-// |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial (relative error < 1e-8); |x| is
-// capped at 9, where tanh is 1 in float. Error against libm: a few ulp; NaN stays NaN.
-template <> inline V<float> vtanh<float>(V<float> x) {
+template <> inline V<float> vexp<float>(V<float> y) {
   typedef int32_t VI __attribute__((vector_size(64)));
-  const V<float> zero = {};
-  const V<float> ax = x < zero ? -x : x;
-  const V<float> y = -2 * (ax > 9 ? zero + 9 : ax);
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to integer
   const V<float> n = (y * 1.44269504088896341f + magic) - magic;
   const V<float> r = (y - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
@@ -487,13 +562,199 @@ template <> inline V<float> vtanh<float>(V<float> x) {
   const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
   V<float> scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const V<float> e = p * scale;
+  return p * scale;
+}
+// tanh of a vector. double: libm per lane (the exact path the float64 tests compare with).
+template <class T> inline V<T> vtanh(V<T> x) {
+  for (int r = 0; r < RW<T>; ++r) x[r] = std::tanh(x[r]);
+  return x;
+}
+// float: all 16 lanes at once (libm's scalar tanh made the CTRNN 4x slower to train than the
+// spintronic network). |x| < 1/8: odd Taylor series to x^7 (relative error < 2e-9); else
+// tanh|x| = (1 - e) / (1 + e), e = exp(-2|x|) (vexp); |x| is capped at 9, where tanh is 1 in
+// float. Error against libm: a few ulp; NaN stays NaN.
+template <> inline V<float> vtanh<float>(V<float> x) {
+  const V<float> zero = {};
+  const V<float> ax = x < zero ? -x : x;
+  const V<float> e = vexp<float>(-2 * (ax > 9 ? zero + 9 : ax));
   const V<float> big = (1 - e) / (1 + e);
   const V<float> x2 = ax * ax;
   const V<float> small =
       ax * (1 + x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315))));
   const V<float> t = ax < 0.125f ? small : big;
   return x < zero ? -t : t;
+}
+
+// ---- exponential Heun: each neuron's own equation solved exactly at a held drive D ----
+// constants defined once in sims/neurons.py, prepended as macros when the kernel is built
+constexpr double Z_CAP = HIL_Z_CAP, Z_SERIES = HIL_Z_SERIES;
+// psi1(z) = (1 - e^-z) / z = sum a_n (-z)^n, a_n = 1 / (n+1)!, and its derivative (|z| < 0.5)
+constexpr double PSI_A[10] = HIL_PSI_A;
+template <class T> HIL_INLINE void psi1_series(V<T> z, V<T>& p, V<T>& dp) {
+  const V<T> w = -z, zero = {};
+  p = zero + T(PSI_A[9]);
+  dp = zero + T(9 * PSI_A[9]);
+  for (int n = 8; n >= 0; --n) {
+    p = p * w + T(PSI_A[n]);
+    if (n >= 1) dp = dp * w + T(n * PSI_A[n]);
+  }
+  dp = -dp;
+}
+// one sub-step at held drive D; with G, also dx'/dx (dx) and dx'/dD (dD).
+// SPIN: dx/dt = r x - c x^2, r = D - g, c = D + g Q: x' = x / (F + c x psi), F = e^{-r h},
+// psi = (1 - F) / r. CTRNN: x' = x E + D W, E = e^{-g h}, W = (1 - E) / g (per neuron: cE, cW).
+// dy/dt = r y - c y^2 over h: y' = y / (F + c y psi), F = e^{-r h}, psi = (1 - F) / r; with G
+// also dy'/dy, dy'/dr, dy'/dc (as sims.neurons._logistic)
+template <bool G, class T>
+HIL_INLINE V<T> logistic(V<T> y, V<T> r, V<T> c, T h, V<T>* dy, V<T>* dr, V<T>* dc) {
+  const V<T> zero = {}, one = zero + 1, cap = zero + T(Z_CAP);
+  const V<T> zr = r * h;
+  V<T> z = zr > cap ? cap : zr;
+  z = z < -cap ? -cap : z;
+  const V<T> az = z < zero ? -z : z;
+  const auto small = az < T(Z_SERIES);
+  V<T> ps, dps;
+  psi1_series<T>(small ? z : zero, ps, dps);
+  const V<T> F = small ? 1 - z * ps : vexp<T>(-z);  // see _logistic: no cancellation
+  const V<T> zb = small ? one : z;
+  const V<T> psi1 = small ? ps : (1 - F) / zb;
+  const V<T> psi = h * psi1;
+  const V<T> den = F + c * y * psi;
+  const V<T> yn = y / den;
+  if constexpr (G) {
+    const V<T> psir = (h * h) * (small ? dps : (F - psi1) / zb);
+    const V<T> Fr = h * (small ? -(ps + z * dps) : -F);  // dF/dr of F as computed
+    const V<T> azr = zr < zero ? -zr : zr;
+    const V<T> inside = azr < T(Z_CAP) ? one : zero;
+    const V<T> q = -yn / den;
+    *dy = F / (den * den);
+    *dr = q * inside * (c * y * psir + Fr);
+    *dc = q * (y * psi);
+  }
+  return yn;
+}
+template <class T> HIL_INLINE V<T> vsqrt(V<T> x) {
+  for (int r = 0; r < RW<T>; ++r) x[r] = std::sqrt(x[r]);
+  return x;
+}
+// one sub-step at held drive D; with G, also dx'/dx (dx) and dx'/dD (dD).
+// SPIN: dx/dt = th + r x - c x^2, r = D - g, c = D + g Q, th the thermal floor: the logistic
+// step of y = x - b around a root b of the right-hand side (sims.neurons.held_drive_step).
+// CTRNN: x' = x E + D W, E = e^{-g h}, W = (1 - E) / g (per neuron: cE, cW).
+template <int KIND, bool G, class T>
+HIL_INLINE V<T> phi(V<T> x, V<T> D, T g, T gq, T h, T cE, T cW, T th, V<T>* dx = nullptr,
+                    V<T>* dD = nullptr) {
+  if constexpr (KIND == CTRNN) {
+    if constexpr (G) {
+      *dx = V<T>{} + cE;
+      *dD = V<T>{} + cW;
+    }
+    return x * cE + D * cW;
+  } else {
+    const V<T> zero = {}, one = zero + 1;
+    const V<T> r = D - g, c = D + gq;
+    V<T> dy, dr, dc;
+    if (th == T(0)) {
+      const V<T> xn = logistic<G, T>(x, r, c, h, &dy, &dr, &dc);
+      if constexpr (G) {
+        *dx = dy;
+        *dD = dr + dc;
+      }
+      return xn;
+    }
+    const V<T> s = vsqrt<T>(r * r + 4 * th * c);
+    const V<T> sg = r >= zero ? one : -one;
+    const V<T> ars = r * sg + s;
+    const V<T> b = -2 * th * sg / ars;
+    const V<T> xn = logistic<G, T>(x - b, sg * s, c, h, &dy, &dr, &dc) + b;
+    if constexpr (G) {
+      const V<T> ds = (r + 2 * th) / s;
+      const V<T> db = 2 * th * sg * (sg + ds) / (ars * ars);
+      *dx = dy;
+      *dD = db * (1 - dy) + dr * sg * ds + dc;
+    }
+    return xn;
+  }
+}
+// o'(x): the output's derivative (tanh for the CTRNN, else 1)
+template <int KIND, class T> HIL_INLINE V<T> out_dx(V<T> x) {
+  if constexpr (KIND == CTRNN) {
+    const V<T> th = vtanh<T>(x);
+    return 1 - th * th;
+  } else {
+    return V<T>{} + 1;
+  }
+}
+template <int KIND, class T> HIL_INLINE V<T> out_of(V<T> x) {
+  if constexpr (KIND == CTRNN) return vtanh<T>(x);
+  else return x;
+}
+
+// predictor: Xp = Phi(X, D0), Yp = filter(Y, Xp, X)
+template <int KIND, bool FILT, class T>
+void eh_pred(const V<T>* X, const V<T>* Y, const V<T>* D0, V<T>* Xp, V<T>* Yp, const T* gam,
+             const T* q, const T* cE, const T* cW, T a, T ah, T h, T th, int64_t M) {
+  for (int64_t i = 0; i < M; ++i) {
+    const T g = gam[i], gq = q ? g * q[i] : T(0);
+    const V<T> x = X[i];
+    const V<T> xp = phi<KIND, false, T>(x, D0[i], g, gq, h, cE ? cE[i] : T(0), cW ? cW[i] : T(0), th);
+    if constexpr (FILT) Yp[i] = a * Y[i] + ah * (out_of<KIND, T>(xp) - out_of<KIND, T>(x));
+    else Yp[i] = out_of<KIND, T>(xp);
+    Xp[i] = xp;
+  }
+}
+// corrector: Dm = (D0 + D1) / 2 (written over D1), Xo = Phi(X, Dm), Yo = filter(Y, Xo, X);
+// the outputs may alias X and Y
+template <int KIND, bool FILT, class T>
+void eh_corr(const V<T>* X, const V<T>* Y, const V<T>* D0, V<T>* Dm, V<T>* Xo, V<T>* Yo,
+             const T* gam, const T* q, const T* cE, const T* cW, T a, T ah, T h, T th, int64_t M) {
+  for (int64_t i = 0; i < M; ++i) {
+    const T g = gam[i], gq = q ? g * q[i] : T(0);
+    const V<T> x = X[i], dm = T(0.5) * (D0[i] + Dm[i]);
+    Dm[i] = dm;
+    const V<T> xn = phi<KIND, false, T>(x, dm, g, gq, h, cE ? cE[i] : T(0), cW ? cW[i] : T(0), th);
+    if constexpr (FILT) Yo[i] = a * Y[i] + ah * (out_of<KIND, T>(xn) - out_of<KIND, T>(x));
+    else Yo[i] = out_of<KIND, T>(xn);
+    Xo[i] = xn;
+  }
+}
+// adjoint, first half: gX holds dL/dX_{s+1} (direct part), gY = dL/dY_{s+1}. Writes
+// gD1 = dL/dD1 and leaves in gX the part of dL/dX_s found so far.
+template <int KIND, bool FILT, class T>
+void eh_bwd1(const V<T>* X, const V<T>* Xn, const V<T>* Dm, V<T>* gX, const V<T>* gY, V<T>* gD1,
+             const T* gam, const T* q, const T* cE, const T* cW, T ah, T h, T th, int64_t M) {
+  for (int64_t i = 0; i < M; ++i) {
+    const T g = gam[i], gq = q ? g * q[i] : T(0);
+    const V<T> x = X[i], gy = FILT ? ah * gY[i] : gY[i];
+    const V<T> gxn = gX[i] + (KIND == CTRNN ? out_dx<KIND, T>(Xn[i]) * gy : gy);
+    V<T> gxs = {};
+    if constexpr (FILT) gxs = -(KIND == CTRNN ? out_dx<KIND, T>(x) * gy : gy);
+    V<T> dx, dD;
+    phi<KIND, true, T>(x, Dm[i], g, gq, h, cE ? cE[i] : T(0), cW ? cW[i] : T(0), th, &dx, &dD);
+    gX[i] = gxs + dx * gxn;
+    gD1[i] = T(0.5) * (dD * gxn);
+  }
+}
+// adjoint, second half, after gYp = dL/dYp = D1's transposed product: writes gD0 = dL/dD0,
+// completes gX = dL/dX_s except through D0, and base = gY + gYp (the filter's carry, times a)
+template <int KIND, bool FILT, class T>
+void eh_bwd2(const V<T>* X, const V<T>* Xp, const V<T>* D0, V<T>* gX, const V<T>* gY,
+             const V<T>* gYp, const V<T>* gD1, V<T>* gD0, V<T>* base, const T* gam, const T* q,
+             const T* cE, const T* cW, T ah, T h, T th, int64_t M) {
+  for (int64_t i = 0; i < M; ++i) {
+    const T g = gam[i], gq = q ? g * q[i] : T(0);
+    const V<T> x = X[i], gyp = FILT ? ah * gYp[i] : gYp[i];
+    const V<T> gxp = KIND == CTRNN ? out_dx<KIND, T>(Xp[i]) * gyp : gyp;
+    V<T> gxs = gX[i];
+    if constexpr (FILT) {
+      gxs -= KIND == CTRNN ? out_dx<KIND, T>(x) * gyp : gyp;
+      base[i] = gY[i] + gYp[i];
+    }
+    V<T> dx, dD;
+    phi<KIND, true, T>(x, D0[i], g, gq, h, cE ? cE[i] : T(0), cW ? cW[i] : T(0), th, &dx, &dD);
+    gX[i] = gxs + dx * gxp;
+    gD0[i] = gD1[i] + dD * gxp;
+  }
 }
 
 template <int KIND, class T> inline V<T> gain(V<T> x) {
@@ -506,7 +767,7 @@ template <int KIND, class T> inline V<T> gain(V<T> x) {
 // one Euler step given the drive D: (X, Y) -> (Xo, Yo); the outputs may alias the inputs
 template <int KIND, bool FILT, class T>
 void elem_fwd(const V<T>* X, const V<T>* Y, const V<T>* __restrict D, V<T>* Xo, V<T>* Yo,
-              const T* gam, const T* q, T a, T h, int64_t M) {
+              const T* gam, const T* q, T a, T h, T th, int64_t M) {
   constexpr bool CLIP = KIND == LINEAR || KIND == LIQUID || KIND == QUAD;
   const V<T> zero = {}, one = zero + 1;
   for (int64_t i = 0; i < M; ++i) {
@@ -518,6 +779,7 @@ void elem_fwd(const V<T>* X, const V<T>* Y, const V<T>* __restrict D, V<T>* Xo, 
     V<T> f;
     if constexpr (KIND == CTRNN || KIND == LINEAR) f = -damp + D[i];
     else f = -damp + D[i] * gain<KIND, T>(x);
+    if (KIND == SPIN && th != T(0)) f += th;  // the thermal floor (its derivative is 0)
     V<T> xn = x + h * f;
     if constexpr (CLIP) {
       xn = xn < zero ? zero : xn;
@@ -579,7 +841,9 @@ template <class T> struct Ctx {
   const Job<T>* j;
   int64_t k, b0, nr;
   const T *W, *WT, *gam, *q;
-  T a;
+  const T *cE = nullptr, *cW = nullptr;  // CTRNN exponential Heun: e^{-g h}, (1 - e^{-g h}) / g
+  std::vector<T> ew;
+  T a, ah, th;
   void set(const Job<T>& jb, int64_t tile) {
     j = &jb;
     k = tile / jb.tpk;
@@ -590,6 +854,17 @@ template <class T> struct Ctx {
     gam = jb.gamma + k * jb.M;
     q = jb.has_q ? jb.q + k * jb.M : nullptr;
     a = jb.has_filter ? jb.a[k] : T(0);
+    ah = jb.has_filter && jb.ah ? jb.ah[k] : T(1);
+    th = jb.th ? jb.th[k] : T(0);
+    if (jb.scheme == 1 && jb.kind == CTRNN) {
+      ew.resize(2 * jb.M);
+      for (int64_t i = 0; i < jb.M; ++i) {
+        ew[i] = std::exp(-gam[i] * jb.h);
+        ew[jb.M + i] = (1 - ew[i]) / gam[i];
+      }
+      cE = ew.data();
+      cW = ew.data() + jb.M;
+    }
   }
   int64_t row(int64_t t) const { return ((k * j->B + b0) * j->NT + t) * j->M; }  // (K,B,T,M)
   int64_t srow() const { return (k * j->B + b0) * j->M; }                         // (K,B,M)
@@ -601,8 +876,8 @@ template <class T> void step_fwd(const Ctx<T>& c, const V<T>* X, const V<T>* Y, 
   band_mv<T>(c.W, jb.M, jb.nb, true, Y, Ct, T(1), D);
   const int64_t M = jb.M;
 #define HIL_FWD(KD)                                                                     \
-  if (jb.has_filter) elem_fwd<KD, true, T>(X, Y, D, Xo, Yo, c.gam, c.q, c.a, jb.h, M); \
-  else elem_fwd<KD, false, T>(X, Y, D, Xo, Yo, c.gam, c.q, c.a, jb.h, M);
+  if (jb.has_filter) elem_fwd<KD, true, T>(X, Y, D, Xo, Yo, c.gam, c.q, c.a, jb.h, c.th, M); \
+  else elem_fwd<KD, false, T>(X, Y, D, Xo, Yo, c.gam, c.q, c.a, jb.h, c.th, M);
   switch (jb.kind) {
     case SPIN: HIL_FWD(SPIN) break;
     case CTRNN: HIL_FWD(CTRNN) break;
@@ -630,11 +905,51 @@ template <class T> void step_bwd(const Ctx<T>& c, const V<T>* X, const V<T>* Xn,
 #undef HIL_BWD
 }
 
+// one exponential-Heun sub-step: (X, Y) -> (Xo, Yo), which may alias X, Y. Leaves the drive
+// D0, the mean drive Dm and the predicted Xp, Yp in their buffers (the adjoint's recomputation).
+template <class T> void step_fwd_eh(const Ctx<T>& c, const V<T>* X, const V<T>* Y, const V<T>* Ct,
+                                    V<T>* D0, V<T>* Dm, V<T>* Xp, V<T>* Yp, V<T>* Xo, V<T>* Yo) {
+  const Job<T>& jb = *c.j;
+  const int64_t M = jb.M;
+  band_mv<T>(c.W, M, jb.nb, true, Y, Ct, T(1), D0);
+#define HIL_EH(KD, F)                                                                        \
+  eh_pred<KD, F, T>(X, Y, D0, Xp, Yp, c.gam, c.q, c.cE, c.cW, c.a, c.ah, jb.h, c.th, M);              \
+  band_mv<T>(c.W, M, jb.nb, true, Yp, Ct, T(1), Dm);                                         \
+  eh_corr<KD, F, T>(X, Y, D0, Dm, Xo, Yo, c.gam, c.q, c.cE, c.cW, c.a, c.ah, jb.h, c.th, M);
+  if (jb.kind == CTRNN) {
+    if (jb.has_filter) { HIL_EH(CTRNN, true) } else { HIL_EH(CTRNN, false) }
+  } else {
+    if (jb.has_filter) { HIL_EH(SPIN, true) } else { HIL_EH(SPIN, false) }
+  }
+#undef HIL_EH
+}
+
+// adjoint of one exponential-Heun sub-step: gX = dL/dX_{s+1} (direct part) becomes dL/dX_s,
+// gY = dL/dY_{s+1}; writes gD0, gD1 and gYo = dL/dY_s. gYp and base are scratch.
+template <class T> void step_bwd_eh(const Ctx<T>& c, const V<T>* X, const V<T>* Xn, const V<T>* D0,
+                                    const V<T>* Dm, const V<T>* Xp, V<T>* gX, const V<T>* gY,
+                                    V<T>* gD0, V<T>* gD1, V<T>* gYp, V<T>* base, V<T>* gYo) {
+  const Job<T>& jb = *c.j;
+  const int64_t M = jb.M;
+#define HIL_EHB(KD, F)                                                                          \
+  eh_bwd1<KD, F, T>(X, Xn, Dm, gX, gY, gD1, c.gam, c.q, c.cE, c.cW, c.ah, jb.h, c.th, M);                \
+  band_mv<T>(c.WT, M, jb.nb, false, gD1, nullptr, T(0), gYp);                                   \
+  eh_bwd2<KD, F, T>(X, Xp, D0, gX, gY, gYp, gD1, gD0, base, c.gam, c.q, c.cE, c.cW, c.ah, jb.h, c.th, M);\
+  band_mv<T>(c.WT, M, jb.nb, false, gD0, F ? base : nullptr, c.a, gYo);
+  if (jb.kind == CTRNN) {
+    if (jb.has_filter) { HIL_EHB(CTRNN, true) } else { HIL_EHB(CTRNN, false) }
+  } else {
+    if (jb.has_filter) { HIL_EHB(SPIN, true) } else { HIL_EHB(SPIN, false) }
+  }
+#undef HIL_EHB
+}
+
 template <class T> void fwd_tile(const Job<T>& jb, int64_t tile, Scratch<T>& sc) {
   constexpr int R = RW<T>;
   const int64_t M = jb.M, TM = jb.NT * M, MR = M * R;
-  T* p = sc.get(4 * MR);
+  T* p = sc.get(7 * MR);
   T *X = p, *Y = p + MR, *D = p + 2 * MR, *Ct = p + 3 * MR;
+  T *Dm = p + 4 * MR, *Xp = p + 5 * MR, *Yp = p + 6 * MR;  // exponential Heun only
   auto v = [](T* x) { return reinterpret_cast<V<T>*>(x); };
   Ctx<T> c;
   c.set(jb, tile);
@@ -642,7 +957,11 @@ template <class T> void fwd_tile(const Job<T>& jb, int64_t tile, Scratch<T>& sc)
   load_tile<T, REPEAT, false>(Y, jb.Y0 + c.srow(), M, c.nr, M);
   for (int64_t t = 0; t < jb.NT; ++t) {
     load_tile<T, REPEAT, false>(Ct, jb.C + c.row(t), TM, c.nr, M);
-    for (int64_t s = 0; s < jb.S; ++s) step_fwd<T>(c, v(X), v(Y), v(Ct), v(D), v(X), v(Y));
+    if (jb.scheme == 1)
+      for (int64_t s = 0; s < jb.S; ++s)
+        step_fwd_eh<T>(c, v(X), v(Y), v(Ct), v(D), v(Dm), v(Xp), v(Yp), v(X), v(Y));
+    else
+      for (int64_t s = 0; s < jb.S; ++s) step_fwd<T>(c, v(X), v(Y), v(Ct), v(D), v(X), v(Y));
     store_tile(jb.Xseq + c.row(t), X, TM, c.nr, M);
     // checkpoint of Y where an adjoint block starts (X's is Xseq itself)
     if (jb.Ycp && (t + 1) % jb.gslots == 0 && t + 1 < jb.NT)
@@ -718,6 +1037,76 @@ template <class T> void bwd_tile(const Job<T>& jb, int64_t tile, Scratch<T>& sc)
   store_tile(jb.gY0 + c.srow(), reinterpret_cast<T*>(gY), M, c.nr, M);
 }
 
+// Adjoint of one tile for the exponential Heun scheme, organised as bwd_tile. Per sub-step the
+// recomputation keeps X, D0, Dm, Xp and both filtered outputs the drives were computed from
+// (Y and the predicted Yp: two weight-gradient entries per sub-step, with gD0 and gD1).
+template <class T> void bwd_tile_eh(const Job<T>& jb, int64_t tile, Scratch<T>& sc) {
+  constexpr int R = RW<T>;
+  const int64_t M = jb.M, S = jb.S, TM = jb.NT * M, MR = M * R;
+  const int64_t G = jb.gslots, GS = G * S;
+  // scratch: gX gY gYn gCt gD0 gD1 gYp base | C of the block's points (G) | X_0..X_GS |
+  // D0, Dm, Xp (GS each) | Y stash [2 GS][M][R] | gD stash [2 GS * R][M]
+  T* p = sc.get((9 + G) * MR + 8 * GS * MR);
+  auto v = [](T* x) { return reinterpret_cast<V<T>*>(x); };
+  V<T> *gX = v(p), *gY = v(p + MR), *gYn = v(p + 2 * MR), *gCt = v(p + 3 * MR);
+  V<T> *gD0 = v(p + 4 * MR), *gD1 = v(p + 5 * MR), *gYp = v(p + 6 * MR), *base = v(p + 7 * MR);
+  T* Cb = p + 8 * MR;
+  T* Xst = Cb + G * MR;
+  T* D0st = Xst + (GS + 1) * MR;
+  T* Dmst = D0st + GS * MR;
+  T* Xpst = Dmst + GS * MR;
+  T* Yb = Xpst + GS * MR;
+  T* Gb = Yb + 2 * GS * MR;
+  Ctx<T> c;
+  c.set(jb, tile);
+  T* gWt = jb.gWp + tile * M * M;
+  std::fill(gWt, gWt + M * M, T(0));
+  std::fill(p, p + 2 * MR, T(0));
+  if (jb.gXf) load_tile<T, ZERO, false>(reinterpret_cast<T*>(gX), jb.gXf + c.srow(), M, c.nr, M);
+  if (jb.gYf) load_tile<T, ZERO, false>(reinterpret_cast<T*>(gY), jb.gYf + c.srow(), M, c.nr, M);
+  for (int64_t t0 = ((jb.NT - 1) / G) * G; t0 >= 0; t0 -= G) {
+    const int64_t np = std::min(G, jb.NT - t0), ns = np * S;
+    if (t0) {
+      load_tile<T, REPEAT, false>(Xst, jb.Xseq + c.row(t0 - 1), TM, c.nr, M);
+      std::memcpy(Yb, jb.Ycp + (tile * jb.ncp + t0 / G - 1) * MR, MR * sizeof(T));
+    } else {
+      load_tile<T, REPEAT, false>(Xst, jb.X0 + c.srow(), M, c.nr, M);
+      load_tile<T, REPEAT, false>(Yb, jb.Y0 + c.srow(), M, c.nr, M);
+    }
+    for (int64_t q = 0; q < np; ++q) {
+      T* Ct = Cb + q * MR;
+      load_tile<T, REPEAT, false>(Ct, jb.C + c.row(t0 + q), TM, c.nr, M);
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t k = q * S + s;
+        T* ynext = k + 1 < ns ? Yb + 2 * (k + 1) * MR : reinterpret_cast<T*>(gYn);  // last: unused
+        step_fwd_eh<T>(c, v(Xst + k * MR), v(Yb + 2 * k * MR), v(Ct), v(D0st + k * MR),
+                       v(Dmst + k * MR), v(Xpst + k * MR), v(Yb + (2 * k + 1) * MR),
+                       v(Xst + (k + 1) * MR), v(ynext));
+      }
+    }
+    for (int64_t q = np - 1; q >= 0; --q) {
+      if (jb.gXseq)
+        load_tile<T, ZERO, true>(reinterpret_cast<T*>(gX), jb.gXseq + c.row(t0 + q), TM, c.nr, M);
+      for (int64_t s = S - 1; s >= 0; --s) {
+        const int64_t k = q * S + s;
+        step_bwd_eh<T>(c, v(Xst + k * MR), v(Xst + (k + 1) * MR), v(D0st + k * MR),
+                       v(Dmst + k * MR), v(Xpst + k * MR), gX, gY, gD0, gD1, gYp, base, gYn);
+        stash_rows(Gb + 2 * k * MR, reinterpret_cast<const T*>(gD0), c.nr, M);
+        stash_rows(Gb + (2 * k + 1) * MR, reinterpret_cast<const T*>(gD1), c.nr, M);
+        if (s == S - 1)
+          for (int64_t i = 0; i < M; ++i) gCt[i] = gD0[i] + gD1[i];
+        else
+          for (int64_t i = 0; i < M; ++i) gCt[i] += gD0[i] + gD1[i];
+        std::swap(gY, gYn);
+      }
+      store_tile(jb.gC + c.row(t0 + q), reinterpret_cast<T*>(gCt), TM, c.nr, M);
+    }
+    gw_flush<T>(Yb, Gb, 2 * ns, gWt, M, jb.nb);
+  }
+  store_tile(jb.gX0 + c.srow(), reinterpret_cast<T*>(gX), M, c.nr, M);
+  store_tile(jb.gY0 + c.srow(), reinterpret_cast<T*>(gY), M, c.nr, M);
+}
+
 // Flush-to-zero and denormals-are-zero for the life of a worker, the caller's mode restored
 // after. A spintronic neuron without drive decays towards its fixed point x = 0 and the
 // adjoint decays with it: in subnormal range every operation on them takes a microcode
@@ -744,7 +1133,8 @@ template <class T> int run(const Job<T>& jb, bool backward) {
     try {
       Scratch<T> sc;
       for (int64_t tile; (tile = next.fetch_add(1)) < ntiles;) {
-        if (backward) bwd_tile(jb, tile, sc);
+        if (backward && jb.scheme == 1) bwd_tile_eh(jb, tile, sc);
+        else if (backward) bwd_tile(jb, tile, sc);
         else fwd_tile(jb, tile, sc);
       }
     } catch (...) {
@@ -782,6 +1172,7 @@ template <class T> int entry(int backward, const int64_t* ia, const double* da, 
   jb.gslots = ia[10];
   jb.ncp = ia[11];
   jb.ftz = ia[12];
+  jb.scheme = ia[13];
   jb.h = (T)da[0];
   jb.C = (const T*)pa[0]; jb.W = (const T*)pa[1]; jb.WT = (const T*)pa[2];
   jb.X0 = (const T*)pa[3]; jb.Y0 = (const T*)pa[4]; jb.gamma = (const T*)pa[5];
@@ -790,6 +1181,8 @@ template <class T> int entry(int backward, const int64_t* ia, const double* da, 
   jb.gXseq = (const T*)pa[12]; jb.gXf = (const T*)pa[13]; jb.gYf = (const T*)pa[14];
   jb.gC = (T*)pa[15]; jb.gWp = (T*)pa[16]; jb.gW = (T*)pa[17]; jb.gX0 = (T*)pa[18];
   jb.gY0 = (T*)pa[19];
+  jb.ah = (const T*)pa[20];
+  jb.th = (const T*)pa[21];
   return run(jb, backward != 0);
 }
 
@@ -805,8 +1198,9 @@ int hil_rows_per_tile(int dtype) { return dtype == 0 ? RW<float> : RW<double>; }
 }
 """
 
+_NATIVE_SCHEMES = ("euler", "expheun")
 _KIND_CODE = {"spintronic": 0, "ctrnn": 1, "linear": 2, "liquid": 3, "quadratic": 4}
-_STASH_STEPS = 16  # sub-steps gathered per weight-gradient product (fits the L1 cache)
+_STASH_STEPS = {"euler": 16, "expheun": 8}  # sub-steps per weight-gradient product (cache-sized)
 _native_lock = threading.Lock()
 _native_lib: list[ctypes.CDLL | None] = []  # empty: not tried yet
 _native_allowed = [os.environ.get("HIL_NATIVE", "1") != "0"]
@@ -833,19 +1227,27 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
+def _kernel_source() -> str:
+    """The kernel with the closed-form step's constants of :mod:`sims.neurons` prepended."""
+    coef = ", ".join(repr(c) for c in PSI_COEF)
+    return (f"#define HIL_Z_CAP {Z_CAP!r}\n#define HIL_Z_SERIES {Z_SERIES!r}\n"
+            f"#define HIL_PSI_A {{{coef}}}\n" + _NATIVE_SOURCE)
+
+
 def _build_native() -> ctypes.CDLL:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
-    key = hashlib.sha256("\0".join([_NATIVE_SOURCE, cxx, *flags, _cpu_signature()]).encode())
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno"]
+    source = _kernel_source()
+    key = hashlib.sha256("\0".join([source, cxx, *flags, _cpu_signature()]).encode())
     out_dir = _cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     lib_path = out_dir / f"engine-{key.hexdigest()[:20]}.so"
     if not lib_path.exists():
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             src = Path(tmp) / "engine.cpp"
-            src.write_text(_NATIVE_SOURCE)
+            src.write_text(source)
             tmp_lib = Path(tmp) / "engine.so"
             err = ""
             for arch in (["-march=native"], []):  # some compilers or CPUs lack -march=native
@@ -911,7 +1313,7 @@ def _native_for(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     return native_library()
 
 
-_P = 20  # pointer slots of hil_scan (see entry() in the kernel)
+_P = 22  # pointer slots of hil_scan (see entry() in the kernel)
 
 
 class _NativeCall:
@@ -928,11 +1330,14 @@ class _NativeCall:
         self.gamma = dyn.gamma.to(dtype).expand(K, 1, M).reshape(K, M).contiguous()
         self.q = None if dyn.q is None else dyn.q.to(dtype).expand(K, 1, M).reshape(K, M).contiguous()
         self.a = None if dyn.a is None else dyn.a.to(dtype).expand(K, 1, 1).reshape(K).contiguous()
-        block = max(1, _STASH_STEPS // dyn.substeps)  # input points per adjoint block
+        self.ah = (None if dyn.a is None or dyn.a_half is None
+                   else dyn.a_half.to(dtype).expand(K, 1, 1).reshape(K).contiguous())
+        self.th = None if dyn.floor is None else dyn.floor.to(dtype).expand(K, 1, 1).reshape(K).contiguous()
+        block = max(1, _STASH_STEPS[dyn.scheme] // dyn.substeps)  # input points per adjoint block
         self.checkpoints = max(1, (T - 1) // block)  # Y at the block starts after the first
         ints = [K, B, T, M, dyn.substeps, dyn.layer_size or M, _KIND_CODE[dyn.kind],
                 self.q is not None, self.a is not None, torch.get_num_threads(), block,
-                self.checkpoints, _flush_subnormals[0]]
+                self.checkpoints, _flush_subnormals[0], SCHEMES.index(dyn.scheme)]
         self.ints = (ctypes.c_int64 * len(ints))(*ints)
         self.reals = (ctypes.c_double * 1)(dyn.h)
 
@@ -944,7 +1349,8 @@ class _NativeCall:
 
     def run(self, backward: bool, slots: dict[int, torch.Tensor | None]) -> None:
         ptrs = (ctypes.c_void_p * _P)()
-        for i, t in ((5, self.gamma), (6, self.q), (7, self.a), *slots.items()):
+        for i, t in ((5, self.gamma), (6, self.q), (7, self.a), (20, self.ah), (21, self.th),
+                     *slots.items()):
             if t is not None:
                 assert t.is_contiguous() and t.dtype == self.gamma.dtype
                 ptrs[i] = t.data_ptr()
@@ -1017,6 +1423,8 @@ def _torch_forward(
             else:
                 F = X * neg_gamma
             F.addcmul_(D, _gain(dyn.kind, X))
+            if dyn.floor is not None:
+                F.add_(dyn.floor)
             Xn = torch.add(X, F, alpha=h, out=Xs[j])
             if dyn.clipped:
                 Xn.clamp_(0.0, 1.0)
@@ -1086,6 +1494,110 @@ def _torch_backward(
     return gC, gWr, gX, gY
 
 
+def _filter(dyn: Dynamics, Y: torch.Tensor, Xn: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Filtered output after a sub-step from ``X`` to ``Xn`` (eq. 5), or the plain output."""
+    if dyn.a is None:
+        return _out(dyn, Xn)
+    inc = _out(dyn, Xn) - _out(dyn, X)
+    return dyn.a * Y + (inc if dyn.a_half is None else dyn.a_half * inc)
+
+
+def _out_dx(dyn: Dynamics, x: torch.Tensor) -> torch.Tensor | None:
+    """``o'(x)``: None for the identity."""
+    return 1 - torch.tanh(x) ** 2 if dyn.tanh_out else None
+
+
+def _torch_forward_eh(
+    C: torch.Tensor, Wr: torch.Tensor, X0: torch.Tensor, Y0: torch.Tensor, dyn: Dynamics, store: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Exponential Heun (``scheme='expheun'``) as batched tensor operations per sub-step. With
+    ``store`` it keeps what :func:`_torch_backward_eh` needs: per sub-step the start state, both
+    drives, the predicted state, and both filtered outputs the drives were computed from."""
+    K, B, T, M = C.shape
+    n = T * dyn.substeps
+    X = X0.expand(K, B, M).clone()
+    Y = Y0.expand(K, B, M).clone()
+    Xseq = C.new_empty((K, B, T, M))
+    if store:
+        Xs = C.new_empty((n + 1, K, B, M))
+        D0s, Dms, Xps = (C.new_empty((n, K, B, M)) for _ in range(3))
+        Ys = C.new_empty((K, 2, n, B, M))  # [0]: Y_s, [1]: predicted Y (weight gradient: one bmm)
+        Xs[0].copy_(X)
+    s = 0
+    for t in range(T):
+        Ct = C[:, :, t]
+        for _ in range(dyn.substeps):
+            D0 = torch.baddbmm(Ct, Y, Wr)
+            Xp = exact_step(dyn, X, D0)[0]
+            Yp = _filter(dyn, Y, Xp, X)
+            Dm = 0.5 * (D0 + torch.baddbmm(Ct, Yp, Wr))
+            Xn = exact_step(dyn, X, Dm)[0]
+            if store:
+                D0s[s].copy_(D0)
+                Dms[s].copy_(Dm)
+                Xps[s].copy_(Xp)
+                Ys[:, 0, s].copy_(Y)
+                Ys[:, 1, s].copy_(Yp)
+                Xs[s + 1].copy_(Xn)
+            Y = _filter(dyn, Y, Xn, X)
+            X = Xn
+            s += 1
+        Xseq[:, :, t].copy_(X)
+    return Xseq, X.clone(), Y, ((Xs, D0s, Dms, Xps, Ys) if store else ())
+
+
+def _torch_backward_eh(
+    dyn: Dynamics, shape: tuple[int, int, int, int], Wr: torch.Tensor, Xs: torch.Tensor,
+    D0s: torch.Tensor, Dms: torch.Tensor, Xps: torch.Tensor, Ys: torch.Tensor,
+    gXseq: torch.Tensor | None, gXfin: torch.Tensor | None, gYfin: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adjoint of :func:`_torch_forward_eh`, sub-step by sub-step backwards."""
+    K, B, T, M = shape
+    n = T * dyn.substeps
+    WrT = Wr.transpose(1, 2)
+    gX = gXfin.expand(K, B, M).clone() if gXfin is not None else Xs.new_zeros((K, B, M))
+    gY = gYfin.expand(K, B, M).clone() if gYfin is not None else Xs.new_zeros((K, B, M))
+    gDs = Xs.new_empty((K, 2, n, B, M))  # [0]: dL/dD0, [1]: dL/dD1 (the predicted drive)
+    a = dyn.a
+    ah = dyn.a_half if a is not None and dyn.a_half is not None else 1.0
+    for s in range(n - 1, -1, -1):
+        if gXseq is not None and (s + 1) % dyn.substeps == 0:
+            gX = gX + gXseq[:, :, (s + 1) // dyn.substeps - 1]
+        X, Xn, Xp = Xs[s], Xs[s + 1], Xps[s]
+        ox = _out_dx(dyn, X)
+        # Y_{s+1} = a Y_s + ah (o(X_{s+1}) - o(X_s))  (or o(X_{s+1}))
+        oxn = _out_dx(dyn, Xn)
+        gYh = ah * gY
+        gXn = gX + (gYh if oxn is None else oxn * gYh)
+        gYs = a * gY if a is not None else torch.zeros_like(gY)
+        gXs = -(gYh if ox is None else ox * gYh) if a is not None else torch.zeros_like(gY)
+        # X_{s+1} = Phi(X_s, Dm)
+        _, dx_m, dD_m = exact_step(dyn, X, Dms[s], grads=True)
+        gXs = gXs + dx_m * gXn
+        gDm = dD_m * gXn
+        gD1 = 0.5 * gDm
+        gDs[:, 1, s] = gD1
+        # D1 = C + Yp Wr;  Yp = a Y_s + o(Xp) - o(X_s)  (or o(Xp))
+        gYp = torch.bmm(gD1, WrT)
+        oxp = _out_dx(dyn, Xp)
+        gYph = ah * gYp
+        gXp = gYph if oxp is None else oxp * gYph
+        if a is not None:
+            gYs = gYs + a * gYp
+            gXs = gXs - (gYph if ox is None else ox * gYph)
+        # Xp = Phi(X_s, D0)
+        _, dx_0, dD_0 = exact_step(dyn, X, D0s[s], grads=True)
+        gXs = gXs + dx_0 * gXp
+        gD0 = 0.5 * gDm + dD_0 * gXp
+        gDs[:, 0, s] = gD0
+        # D0 = C + Y_s Wr
+        gY = torch.baddbmm(gYs, gD0, WrT)
+        gX = gXs
+    gWr = torch.bmm(Ys.view(K, 2 * n * B, M).transpose(1, 2), gDs.view(K, 2 * n * B, M))
+    gC = gDs.sum(1).view(K, T, dyn.substeps, B, M).sum(2).permute(0, 2, 1, 3)
+    return gC, gWr, gX, gY
+
+
 def _banded(Wr: torch.Tensor, dyn: Dynamics) -> torch.Tensor:
     """``Wr`` with the entries outside the layer band zeroed (torch back end)."""
     if dyn.layer_size is None:
@@ -1107,13 +1619,14 @@ def integrate(
 
     Returns ``(Xseq, X_final, Y_final, saved)``.
     """
-    lib = _native_for(C, Wr, X0, Y0)
+    lib = _native_for(C, Wr, X0, Y0) if dyn.scheme in _NATIVE_SCHEMES else None
     if lib is not None:
         call = _NativeCall(lib, C.shape, C.dtype, dyn)
         C, Wr, X0, Y0 = call.inputs(C, Wr, X0, Y0)
         Xseq, Xf, Yf, Ycp = call.forward(C, Wr, X0, Y0, store)
         return Xseq, Xf, Yf, ((C, Wr, X0, Y0, Xseq, Ycp) if store else ())
-    return _torch_forward(C, _banded(Wr, dyn), X0, Y0, dyn, store)
+    fwd = _torch_forward_eh if dyn.scheme == "expheun" else _torch_forward
+    return fwd(C, _banded(Wr, dyn), X0, Y0, dyn, store)
 
 
 class EulerScan(torch.autograd.Function):
@@ -1129,7 +1642,7 @@ class EulerScan(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # unused outputs cost nothing in the backward
         ctx.dyn = dyn
         ctx.shape = tuple(C.shape)
-        lib = _native_for(C, Wr, X0, Y0)
+        lib = _native_for(C, Wr, X0, Y0) if dyn.scheme in _NATIVE_SCHEMES else None
         ctx.native = lib is not None
         if lib is not None:
             ctx.call = call = _NativeCall(lib, C.shape, C.dtype, dyn)
@@ -1138,7 +1651,8 @@ class EulerScan(torch.autograd.Function):
             ctx.save_for_backward(C, Wr, X0, Y0, Xseq, Ycp)
         else:
             Wb = _banded(Wr, dyn)
-            Xseq, Xf, Yf, saved = _torch_forward(C, Wb, X0, Y0, dyn, store=True)
+            fwd = _torch_forward_eh if dyn.scheme == "expheun" else _torch_forward
+            Xseq, Xf, Yf, saved = fwd(C, Wb, X0, Y0, dyn, store=True)
             ctx.save_for_backward(Wb, *saved)
         return Xseq, Xf, Yf
 
@@ -1148,8 +1662,9 @@ class EulerScan(torch.autograd.Function):
         if ctx.native:
             gC, gWr, gX, gY = ctx.call.backward(*ctx.saved_tensors, gXseq, gXfin, gYfin)
         else:
-            Wb, Xs, Ds, Ys = ctx.saved_tensors
-            gC, gWr, gX, gY = _torch_backward(ctx.dyn, ctx.shape, Wb, Xs, Ds, Ys, gXseq, gXfin, gYfin)
+            Wb, *saved = ctx.saved_tensors
+            bwd = _torch_backward_eh if ctx.dyn.scheme == "expheun" else _torch_backward
+            gC, gWr, gX, gY = bwd(ctx.dyn, ctx.shape, Wb, *saved, gXseq, gXfin, gYfin)
             if ctx.dyn.layer_size is not None:
                 gWr = gWr * band_mask(gWr.shape[-1], ctx.dyn.layer_size, gWr.device)
         return gC, gWr, gX, gY, None

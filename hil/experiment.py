@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hil import design_rules, plots
+from hil import convergence, design_rules, plots
 from hil.config import RunConfig
 from hil.runs import RunFolder
 from hil.tasks import make_task
@@ -29,7 +29,7 @@ def train_run(cfg: RunConfig, folder: RunFolder, progress: bool = True) -> dict[
     K = len(cfg.seeds)
     trainer = Trainer([cfg.model] * K, [cfg.train] * K, cfg.seeds, task,
                       log=folder.append_metrics, progress=progress,
-                      label=f"{cfg.task.name}/{cfg.model.neuron} x{K} seeds")
+                      label=f"{cfg.task.name}/{cfg.model.neuron} x{K} seeds", hardware=cfg.hardware)
     result = trainer.fit()
     metric = task.metric_name
     ok = [f for f in result.final if f["status"] != "failed"]
@@ -45,12 +45,28 @@ def train_run(cfg: RunConfig, folder: RunFolder, progress: bool = True) -> dict[
     }
     if "val" in task.splits:
         summary["val"] = summarize([f[f"val_{metric}"] for f in ok])
+    summary["convergence"] = _convergence(result, task)
     folder.write_json("final.json", result.final)
     folder.write_json("summary.json", summary)
     save_checkpoint(result, cfg, folder.file("model.pt"))
     plots.accuracy_curves(result.history, metric, folder.file("accuracy.png"))
     _trajectory_plot(result, task, cfg, folder)
     return summary
+
+
+def _convergence(result: TrainResult, task) -> dict[str, Any]:
+    """Test metric of the final weights under a converged solution of the same ODE, beside the
+    training integrator's (seeds that failed are left out of the summaries)."""
+    rep = convergence.reference_check(result.net, task, "test")
+    ok = [k for k, f in enumerate(result.final) if f["status"] != "failed"]
+    rep["seeds"] = list(result.net.seeds)
+    rep["test_reference"] = summarize([rep["reference"]["metric"][k] for k in ok])
+    rep["test_trained"] = summarize([rep["trained"]["metric"][k] for k in ok])
+    if ok:
+        gaps = [rep["gap_points"][k] for k in ok]
+        rep["worst_gap_points"] = max(gaps, key=abs)
+        rep["median_gap_points"] = float(np.median(gaps))
+    return rep
 
 
 @torch.no_grad()

@@ -351,7 +351,7 @@ def _instrument_ops(plan: dict[str, Any]) -> dict[str, float]:
 
 
 def _bar(total: int, what: str) -> Any:
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=what, unit="image", dynamic_ncols=True)
 
@@ -371,10 +371,7 @@ def _mac_report(res: Any, mac_sw: np.ndarray, images: np.ndarray, run: RunFolder
 
 def _plot_positions(history: list[dict[str, Any]], every: int, path: Path, title: str) -> None:
     """Thesis Fig. 4.8 b-c: each chain's optimal z and V_max at every re-optimisation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hil.plots import plt
 
     if not history:
         return

@@ -30,7 +30,15 @@ of the configured driver at every virtual address.
 
 ``load_lab_config`` validates everything before any instrument is touched and stops at the
 first problem with one ``ConfigError`` naming the file, the key and what is allowed: unknown
-driver, missing role, bad address, a limit beyond what the instrument can do, wrong type.
+driver, missing role, bad address, a limit beyond what the instrument can do, wrong type, a
+key given twice (an instrument name defined twice: YAML would keep the last silently) and
+two instruments at one address (naming both). ``LabConfig.identity_hash()`` identifies the
+resolved configuration (a sweep stores it; ``--resume`` compares it).
+
+One program per bench: opening an instrument first takes an exclusive lock on its address
+(``hil.locks``; a lock file per address, plus the VISA exclusive lock where the resource
+supports it); a second program is refused with the holder's pid, command and start time
+before anything is opened or sent.
 A relative ``<file>@sim`` path is resolved against the installed package root (the folder
 holding ``sims/``), so ``sims/visa/sim_lab.yaml@sim`` works from any working directory.
 
@@ -152,6 +160,26 @@ class LabConfig:
     roles: Mapping[str, str]
     virtual: VirtualLabSpec | None = None
 
+    def identity_hash(self) -> str:
+        """SHA-256 of the resolved configuration (instruments with drivers, addresses,
+        backends, limits and options; roles; the virtual world, seed and overrides): two
+        files that open the same bench the same way hash alike, whatever their layout."""
+        import hashlib
+        import json
+
+        resolved = {
+            "instruments": {n: {"driver": i.driver, "address": i.address, "backend": i.backend,
+                                "timeout_ms": i.timeout_ms, "limits": dict(i.limits),
+                                "options": dict(i.options)}
+                            for n, i in sorted(self.instruments.items())},
+            "roles": dict(sorted(self.roles.items())),
+            "virtual": None if self.virtual is None else {
+                "world": str(self.virtual.world), "seed": self.virtual.seed,
+                "overrides": self.virtual.overrides},
+        }
+        text = json.dumps(resolved, sort_keys=True, default=list)
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def roles_of(self, instrument: str) -> list[str]:
         return [role for role, name in self.roles.items() if name == instrument]
 
@@ -165,6 +193,36 @@ class LabConfig:
 # --------------------------------------------------------------------------- loading
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of the file names one key twice (plain YAML keeps the last silently)."""
+
+    def __init__(self, path: str, key: Any, first_line: int, second_line: int) -> None:
+        self.path, self.key = path, key
+        self.first_line, self.second_line = first_line, second_line
+        super().__init__(f"{path or 'top level'}: {key!r} is defined twice (lines "
+                         f"{first_line} and {second_line})")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(getattr(node, "_hil_path", ""), key, seen[key], line)
+            except TypeError:  # an unhashable key; SafeLoader reports it itself
+                break
+            seen[key] = line
+            if isinstance(value_node, yaml.MappingNode):
+                parent = getattr(node, "_hil_path", "")
+                value_node._hil_path = f"{parent}.{key}" if parent else str(key)  # type: ignore[attr-defined]
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_lab_config(path: str | Path, *,
                     required_roles: Iterable[str] = DEFAULT_REQUIRED_ROLES) -> LabConfig:
     """Read and validate a lab configuration file (nothing is opened)."""
@@ -176,7 +234,13 @@ def load_lab_config(path: str | Path, *,
         raise ConfigError("file", f"cannot read the lab configuration: {exc.strerror}",
                           source=source) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except DuplicateKeyError as exc:
+        what = "instrument name" if exc.path == "instruments" else "key"
+        raise ConfigError(f"{exc.path}.{exc.key}" if exc.path else str(exc.key),
+                          f"{what} {exc.key!r} is defined twice (lines {exc.first_line} and "
+                          f"{exc.second_line}); YAML would silently keep only the second",
+                          source=source) from None
     except yaml.YAMLError as exc:
         raise ConfigError("yaml", f"not valid YAML: {exc}", source=source) from None
     return parse_lab_config(data, source=source, required_roles=required_roles)
@@ -229,6 +293,31 @@ def _check_address(address: Any, cls: type[Instrument], key: str, source: str) -
             raise _err(key, f"GPIB primary address must be 0-30, got {primary!r} in "
                        f"{address!r}", source)
     return address
+
+
+def _address_key(inst: InstrumentConfig) -> tuple[str, str]:
+    """(backend, canonical address): ``GPIB::28`` and ``gpib0::28::INSTR`` are one place."""
+    from pyvisa import rname
+
+    try:
+        address = str(rname.parse_resource_name(inst.address.upper()))
+    except rname.InvalidResourceName:
+        address = inst.address.upper()
+    return inst.backend, address
+
+
+def _check_one_instrument_per_address(instruments: Mapping[str, InstrumentConfig],
+                                      source: str) -> None:
+    """Two instruments at one address would mean two drivers sending to one instrument."""
+    seen: dict[tuple[str, str], InstrumentConfig] = {}
+    for inst in instruments.values():
+        key = _address_key(inst)
+        other = seen.get(key)
+        if other is not None:
+            raise _err(f"instruments.{inst.name}.address", f"{inst.address} is also the address "
+                       f"of instrument {other.name!r} ({other.driver}); instruments "
+                       f"{other.name!r} and {inst.name!r} cannot share one address", source)
+        seen[key] = inst
 
 
 def _yaml_number_hint(spec: Any) -> str:
@@ -328,6 +417,7 @@ def parse_lab_config(data: Any, *, source: str = "<lab config>",
                    "{driver, address, ...}", source)
     instruments = {name_: _parse_instrument(name_, entry, backend, source)
                    for name_, entry in raw_instruments.items()}
+    _check_one_instrument_per_address(instruments, source)
 
     raw_roles = data.get("roles") or {}
     if not isinstance(raw_roles, Mapping):
@@ -447,6 +537,7 @@ class Lab:
         self.instruments: dict[str, Instrument] = {}
         self._world = world
         self._visa_library: Any = None
+        self._locks: dict[str, Any] = {}
 
     @property
     def world(self) -> Any:
@@ -465,6 +556,10 @@ class Lab:
         self.clock.sleep(seconds)
 
     def _backend(self, inst: InstrumentConfig) -> Any:
+        if inst.backend.endswith("@sim"):
+            from sims.visa import install_range_errors
+
+            install_range_errors()  # -222 for values out of range, -113 for unknown headers
         if inst.backend != _VIRTUAL:
             return inst.backend
         if self._visa_library is None:
@@ -480,6 +575,7 @@ class Lab:
         inst = self.config.instruments[name]
         cls = inst.driver_class
         what = f"instrument {name!r} ({inst.driver} at {inst.address})"
+        self._lock(inst, what)
         try:
             if self.replay is not None:
                 transport = self.replay.transport(name, inst.address)
@@ -489,17 +585,46 @@ class Lab:
                 transport = cls.open_transport(inst.address, self._backend(inst),
                                                inst.timeout_ms)
         except (ConnectionError, DriverError) as exc:
+            self._unlock(name)
             raise LabError(f"cannot open {what}: {exc}") from exc
         if self.log is not None:
             transport = RecordingTransport(transport, self.log, name)
         try:
             driver = cls(transport, name=name, limits=inst.limits, options=inst.options)
         except DriverError as exc:
+            self._unlock(name)
             raise LabError(f"cannot use {what}: {exc}") from exc
+        except BaseException:
+            self._unlock(name)
+            raise
         if inst.backend == _VIRTUAL and hasattr(driver, "poll_sleep"):
             driver.poll_sleep = self.sleep  # waits cost lab time on the virtual clock
         self.instruments[name] = driver
         return driver
+
+    def _lock(self, inst: InstrumentConfig, what: str) -> None:
+        """One program per bench: lock the address before anything is opened or sent.
+
+        Not for a replay or a virtual instrument (each program has its own world); a
+        pyvisa-sim instrument is locked per simulation file, like the bench it stands for.
+        """
+        if self.replay is not None or inst.backend == _VIRTUAL:
+            return
+        from hil.locks import BenchLock, address_lock_path
+
+        backend, address = _address_key(inst)
+        key = f"{backend.removesuffix('@sim')}::{address}" if backend.endswith("@sim") else address
+        lock = BenchLock(address_lock_path(key), what)
+        try:
+            lock.acquire()
+        except HilError as exc:
+            raise LabError(str(exc)) from None
+        self._locks[inst.name] = lock
+
+    def _unlock(self, name: str) -> None:
+        lock = self._locks.pop(name, None)
+        if lock is not None:
+            lock.release()
 
     def __getitem__(self, role: str) -> Any:
         if role not in self.config.roles:
@@ -529,7 +654,11 @@ class Lab:
                 driver.close()
             except Exception as exc:  # keep closing the others
                 failures.append(f"{name}: {exc}")
+            finally:
+                self._unlock(name)
         self.instruments.clear()
+        for name in list(self._locks):
+            self._unlock(name)
         if self.log is not None:
             self.log.close()
         if failures:

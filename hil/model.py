@@ -16,18 +16,21 @@ A Linear readout of the last layer follows (LogSoftmax is applied by the task's 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from hil.config import ModelConfig
+from hil.config import HardwareConfig, ModelConfig
 from hil.engine import Dynamics, EulerScan, integrate, scan_reference
 from hil.errors import ConfigError
 from sims.neurons import TANH_OUTPUT_TYPES, rest_state
 
-_STRUCTURAL = ("neuron", "n_layers", "n_hidden", "dt_ns", "substeps", "highpass")
+_STRUCTURAL = ("neuron", "n_layers", "n_hidden", "dt_ns", "substeps", "highpass", "scheme")
 
 
 @dataclass
@@ -84,6 +87,7 @@ class DynamicalNetwork(nn.Module):
         self.highpass = c0.highpass_on
         self.h = c0.h_ns
         self.substeps = c0.substeps
+        self.scheme = c0.scheme
 
         W_in = torch.zeros(K, N, n_in)
         W_rec = torch.zeros(K, M, M)  # row: receiving neuron, column: sending neuron
@@ -120,6 +124,7 @@ class DynamicalNetwork(nn.Module):
         x0 = torch.tensor([rest_state(self.kind, c.gamma, c.b_fixed_value, c.sigma, c.q)
                            for c in configs])
         self.register_buffer("x_rest", x0.view(K, 1, 1).expand(K, 1, M).clone())
+        self._pass: dict[str, Any] | None = None  # a hardware-aware pass's draw (hardware_pass)
 
     # ------------------------------------------------------------------ structure helpers
     def layer_slices(self) -> list[slice]:
@@ -127,18 +132,43 @@ class DynamicalNetwork(nn.Module):
 
     def dynamics(self) -> Dynamics:
         has_q = bool((self.q != 0).any()) and self.kind == "spintronic"
+        a, a_half = self._filter_coefficients()
         return Dynamics(
             kind=self.kind,
             h=self.h,
             substeps=self.substeps,
-            gamma=self.gamma,
+            gamma=(self._pass or {}).get("gamma", self.gamma),
             q=self.q if has_q else None,
-            a=self.filter_a if self.highpass else None,
+            a=a,
             layer_size=self.N,  # Wr is the layer band: the engine skips the zero blocks
+            scheme=self.scheme,
+            a_half=a_half,
+            floor=self._thermal_floor(),
         )
 
+    def _thermal_floor(self) -> torch.Tensor | None:
+        """``(K, 1, 1)`` thermal diffusion of the oscillators' power (``model.thermal_d_ghz``),
+        or None when every trial has none."""
+        v = [c.thermal_d_ghz for c in self.configs]
+        if not any(v) or self.kind != "spintronic":  # the floor is the oscillator power's
+            return None
+        return torch.tensor(v).view(self.K, 1, 1).to(self.filter_a)
+
+    def _filter_coefficients(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The high-pass filter's factors per step ``h`` (eq. 5, ``w = 2 pi f_cut``): Euler
+        ``Y' = (1 - w h) Y + dX`` (as trained before), exponential Heun ``Y' = e^{-w h} Y +
+        e^{-w h / 2} dX`` (exact decay, increment at mid-step: second order)."""
+        if not self.highpass:
+            return None, None
+        wh = [2 * math.pi * c.f_cut_ghz * self.h for c in self.configs]
+        if self.scheme == "euler":
+            return torch.tensor([1 - v for v in wh]).view(self.K, 1, 1).to(self.filter_a), None
+        a = torch.tensor([math.exp(-v) for v in wh], dtype=torch.float64)
+        return a.view(self.K, 1, 1).to(self.filter_a), a.sqrt().view(self.K, 1, 1).to(self.filter_a)
+
     def initial_state(self, batch: int) -> State:
-        x = self.x_rest.expand(self.K, batch, self.M).clone()
+        x_rest = (self._pass or {}).get("x_rest", self.x_rest)
+        x = x_rest.expand(self.K, batch, self.M).clone()
         if self.highpass:
             y = torch.zeros_like(x)
         else:
@@ -149,6 +179,64 @@ class DynamicalNetwork(nn.Module):
         """What a neuron sends on (its power, or tanh of the state for the CTRNN)."""
         return torch.tanh(x) if self.kind in TANH_OUTPUT_TYPES else x
 
+    # ------------------------------------------------------------------ hardware-aware passes
+    @contextlib.contextmanager
+    def hardware_pass(self, hw: HardwareConfig | None, gens: list[torch.Generator]
+                      ) -> Iterator[DynamicalNetwork]:
+        """Within the block, forward passes and the readout see one fresh draw of the chip's
+        non-idealities ``hw`` (per trial, from that trial's generator): quantised weights with
+        a straight-through gradient, synapse gain and write errors, drive offsets, mismatch of
+        gamma and sigma (each oscillator starting from its own rest state), readout noise."""
+        if hw is None or not hw.active:
+            yield self
+            return
+        self._pass = self._draw_pass(hw, gens)
+        try:
+            yield self
+        finally:
+            self._pass = None
+
+    def _draw_pass(self, hw: HardwareConfig, gens: list[torch.Generator]) -> dict[str, Any]:
+        K, M = self.K, self.M
+        dev, dt = self.W_rec.device, self.W_rec.dtype
+
+        def normal(shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev, dt)
+
+        def lognormal(cv: float) -> torch.Tensor:
+            s = math.sqrt(math.log1p(cv * cv))
+            return torch.exp(s * normal((1, M)) - 0.5 * s * s)
+
+        def chip(w: torch.Tensor, vmax: torch.Tensor, synapse: bool) -> torch.Tensor:
+            connected = (w != 0).to(dt)
+            if hw.weight_bits is not None:
+                step = vmax / (2 ** (hw.weight_bits - 1) - 1)
+                q = torch.round(torch.maximum(torch.minimum(w, vmax), -vmax) / step) * step
+                w = w + (q - w).detach()  # straight-through: the gradient of the identity
+            if synapse and hw.synapse_gain_cv > 0:
+                w = w * (1 + hw.synapse_gain_cv * normal(tuple(w.shape[1:])))
+            if hw.program_noise > 0:
+                w = w + hw.program_noise * vmax * normal(tuple(w.shape[1:])) * connected
+            return w
+
+        wmax = self.w_clip.view(K, 1, 1)
+        p: dict[str, Any] = {
+            "W_in": chip(self.W_in, wmax, True),
+            "W_rec": chip(self.W_rec * self.mask, wmax, True),
+            "bias": chip(self.bias, self.b_clip.view(K, 1), False),
+            "gamma": self.gamma * lognormal(hw.cv_gamma) if hw.cv_gamma > 0 else self.gamma,
+            "sigma": self.sigma * lognormal(hw.cv_sigma) if hw.cv_sigma > 0 else self.sigma,
+            "offset": hw.offset_std * normal((1, M)) if hw.offset_std > 0 else None,
+            "readout_noise": hw.readout_noise,
+            "gens": gens,
+        }
+        if self.kind == "spintronic" and (hw.cv_gamma > 0 or hw.cv_sigma > 0 or hw.offset_std > 0):
+            # each oscillator starts from its own rest state (eq. 6.4), as on the chip
+            a = p["sigma"] * (self.b_fixed + (p["offset"] if p["offset"] is not None else 0))
+            qg = p["gamma"] * self.q
+            p["x_rest"] = torch.where(a > p["gamma"], (a - p["gamma"]) / (a + qg), torch.zeros_like(a))
+        return p
+
     # ------------------------------------------------------------------ forward
     def constant_drive(self, u: torch.Tensor) -> torch.Tensor:
         """``C_t``: the drive that does not depend on the state, ``(K, B, T, M)``.
@@ -158,21 +246,26 @@ class DynamicalNetwork(nn.Module):
         if u.dim() == 3:
             u = u.unsqueeze(0)
         K, N, M = self.K, self.N, self.M
+        p = self._pass or {}
+        sigma, bias, W_in = p.get("sigma", self.sigma), p.get("bias", self.bias), p.get("W_in", self.W_in)
         u_scaled = self.S_in.view(K, 1, 1, 1) * (u - self.input_centre) + self.b_in.view(K, 1, 1, 1)
         _, B, T, n_in = u_scaled.shape
         # sigma (S (W_in y_in + bias) + b_fixed): one product for the input layer plus a per-trial
         # constant, so that only the result is written at full size (K, B, T, M)
         S = self.S.view(K, 1, 1)
-        const = self.sigma * (S * self.bias.view(K, 1, M) + self.b_fixed)  # (K, 1, M)
-        w_in = self.W_in.transpose(1, 2) * (S * self.sigma[..., :N])  # (K, n_in, N)
+        fixed = self.b_fixed if p.get("offset") is None else self.b_fixed + p["offset"]
+        const = sigma * (S * bias.view(K, 1, M) + fixed)  # (K, 1, M)
+        w_in = W_in.transpose(1, 2) * (S * sigma[..., :N])  # (K, n_in, N)
         drive0 = torch.baddbmm(const[..., :N], u_scaled.reshape(K, B * T, n_in), w_in)
         rest = const[..., N:].view(K, 1, 1, M - N).expand(K, B, T, M - N)
         return torch.cat([drive0.view(K, B, T, N), rest], -1)
 
     def scaled_recurrent(self) -> torch.Tensor:
         """``Wr`` such that the state-dependent drive is ``Y @ Wr`` (K, M_send, M_recv)."""
-        W = (self.W_rec * self.mask).transpose(1, 2)
-        return W * self.S.view(self.K, 1, 1) * self.sigma.view(self.K, 1, self.M)
+        p = self._pass or {}
+        W = p["W_rec"].transpose(1, 2) if "W_rec" in p else (self.W_rec * self.mask).transpose(1, 2)
+        sigma = p.get("sigma", self.sigma)
+        return W * self.S.view(self.K, 1, 1) * sigma.view(self.K, 1, self.M)
 
     def forward(
         self, u: torch.Tensor, state: State | None = None
@@ -204,7 +297,13 @@ class DynamicalNetwork(nn.Module):
 
     def readout(self, xseq: torch.Tensor) -> torch.Tensor:
         """Linear readout of the last layer: ``(K, B, T, M) -> (K, B, T, n_out)``."""
-        last = self.output_of(xseq[..., self.M - self.N :])
+        states = xseq[..., self.M - self.N :]
+        noise = (self._pass or {}).get("readout_noise", 0.0)
+        if noise > 0:  # a hardware-aware pass: the measured states carry readout noise
+            gens = self._pass["gens"]
+            states = states + noise * torch.stack(
+                [torch.randn(tuple(states.shape[1:]), generator=g) for g in gens]).to(states)
+        last = self.output_of(states)
         return torch.matmul(last, self.W_out.transpose(1, 2).unsqueeze(1)) + self.b_out.view(
             self.K, 1, 1, self.n_out
         )

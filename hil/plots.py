@@ -1,15 +1,47 @@
-"""Plots written to run folders (matplotlib, non-interactive backend)."""
+"""Plots written to run folders.
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects and saved directly, without
+pyplot: nothing here selects or switches matplotlib's backend, so importing or calling hil in a
+notebook leaves its inline plots alone, and no figure is kept in pyplot's global registry.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+class _Figures:
+    """The part of ``matplotlib.pyplot`` the plotting code uses, without pyplot's global state
+    (``plt.subplots``, ``plt.figure``, ``plt.close``, ``plt.get_cmap``)."""
+
+    @staticmethod
+    def figure(figsize: tuple[float, float] | None = None, **kwargs: Any) -> Any:
+        from matplotlib.figure import Figure
+
+        return Figure(figsize=figsize, **kwargs)
+
+    def subplots(self, nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] | None = None,
+                 **kwargs: Any) -> tuple[Any, Any]:
+        fig_kw = {k: kwargs.pop(k) for k in ("dpi", "layout", "constrained_layout") if k in kwargs}
+        fig = self.figure(figsize=figsize, **fig_kw)
+        return fig, fig.subplots(nrows, ncols, **kwargs)
+
+    @staticmethod
+    def close(fig: Any = None) -> None:
+        """Nothing to release: these figures are not registered anywhere."""
+
+    @staticmethod
+    def get_cmap(name: str) -> Any:
+        import matplotlib
+
+        return matplotlib.colormaps[name]
+
+
+#: drop-in for ``matplotlib.pyplot`` in this package's plotting code
+plt = _Figures()
 
 
 def accuracy_curves(history: list[dict[str, Any]], metric: str, path: Path) -> Path:

@@ -9,10 +9,42 @@ import platform
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
+
+#: called with every RunFolder opened (created or resumed) while registered; see add_folder_hook
+_folder_hooks: list[Callable[[RunFolder], None]] = []
+
+
+class MetricsSink(Protocol):
+    """Receives every record appended to a run folder's ``metrics.jsonl`` (e.g. TensorBoard)."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def add_folder_hook(hook: Callable[[RunFolder], None]) -> Callable[[], None]:
+    """Call ``hook(folder)`` for every RunFolder opened from now on; returns its remover.
+
+    The command line uses it to give each run folder a log file and the metrics viewers asked for
+    (``--log tensorboard``), whichever command opens the folder.
+    """
+    _folder_hooks.append(hook)
+
+    def remove() -> None:
+        if hook in _folder_hooks:
+            _folder_hooks.remove(hook)
+
+    return remove
+
+
+def redact_secrets(text: str) -> str:
+    """Hide the password of any ``scheme://user:password@host`` URL in ``text``."""
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
 def default_root() -> Path:
@@ -47,9 +79,12 @@ class RunFolder:
     result files written by the job.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sinks: list[MetricsSink] | None = None) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.sinks: list[MetricsSink] = list(sinks or [])
+        for hook in list(_folder_hooks):
+            hook(self)
 
     @classmethod
     def create(cls, kind: str, root: Path | str | None = None, name: str | None = None) -> RunFolder:
@@ -80,11 +115,20 @@ class RunFolder:
         return p
 
     def append_metrics(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
-        """Append one record and flush it to disk at once."""
+        """Append one record and flush it to disk at once; ``metrics.jsonl`` records also go to
+        the folder's sinks (metrics viewers)."""
         with open(self.file(name), "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=_jsonable) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if name == "metrics.jsonl":
+            for sink in self.sinks:
+                sink.write(record)
+
+    def close_sinks(self) -> None:
+        """Flush and close the metrics sinks (idempotent)."""
+        for sink in self.sinks:
+            sink.close()
 
     def read_metrics(self, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
         p = self.file(name)
@@ -98,7 +142,7 @@ class RunFolder:
 
         env = {
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "argv": sys.argv,
+            "argv": [redact_secrets(a) for a in sys.argv],
             "python": sys.version,
             "platform": platform.platform(),
             "torch": torch.__version__,

@@ -104,16 +104,17 @@ def upload_and_evaluate(net: DynamicalNetwork, task: Task, backends: Sequence[Ba
 # ----------------------------------------------------------------------------- sim-to-real report
 
 def sim_to_real_report(net: DynamicalNetwork, task: Task, backends: Sequence[Backend], folder: RunFolder,
-                       split: str = "test", name: str = "sim_to_real") -> dict[str, Any]:
+                       split: str = "test", name: str = "sim_to_real", upload: bool = True) -> dict[str, Any]:
     """The same parameters evaluated on the model and on each trial's chip: metric gap, per-layer
     RMS state residuals, and plots (``<name>.png``, ``<name>_trajectories.png``);
-    ``<name>.json`` holds the numbers."""
+    ``<name>.json`` holds the numbers. ``upload=False``: measure what is on the chips already
+    (no second upload: device time, and a verified upload stays as verified)."""
     metric = task.metric_name
     rows = []
     traj = None
     for k, be in enumerate(backends):
         mod = evaluate_model(net, k, task, split, keep_states=True)
-        dev = evaluate_on_backend(net, k, be, task, split, keep_states=True)
+        dev = evaluate_on_backend(net, k, be, task, split, upload=upload, keep_states=True)
         row: dict[str, Any] = {"seed": net.seeds[k], "trial": k, f"model_{metric}": mod["metric"],
                                f"device_{metric}": dev["metric"], "gap": mod["metric"] - dev["metric"]}
         if dev["states"] is not None:
@@ -192,11 +193,12 @@ def _plot_trajectories(model: np.ndarray, device: np.ndarray, seed: int, L: int,
 
 def upload_run(source: Path, backend: str, folder: RunFolder,
                device: list[str] | dict[str, Any] | None = None,
-               verify: bool = False, tol: float = 0.01, max_iters: int = 3, calibrated_twin: bool = False
-               ) -> dict[str, Any]:
+               verify: bool = False, tol: float = 0.01, max_iters: int = 3, calibrated_twin: bool = False,
+               budget_repeats: int = 3) -> dict[str, Any]:
     """Load a trained run, upload every seed to its own chip (drawn with that seed), evaluate
     on the chip, report the gap and write the sim-to-real report. With ``verify``, program and
-    verify each upload first (against the calibrated twin when ``calibrated_twin``)."""
+    verify each upload first (against the calibrated twin when ``calibrated_twin``). On the
+    simulated chip, ``budget_repeats > 0`` adds the gap budget (:mod:`hil.gap_budget`)."""
     from hil.commands.analyse import load_run
 
     src = source if source.is_dir() else source.parent
@@ -236,8 +238,16 @@ def upload_run(source: Path, backend: str, folder: RunFolder,
                                  "device_after_verify": dev["metric"]})
             summary["verify"] = verified
             summary["device_after_verify"] = summarize([v["device_after_verify"] for v in verified])
-        report = sim_to_real_report(net, task, backends, folder)
+        report = sim_to_real_report(net, task, backends, folder, upload=False)
         summary["sim_to_real"] = report["summary"]
+        if backend == "sim" and budget_repeats > 0:
+            from hil.backends import parse_device_overrides
+            from hil.gap_budget import gap_budget, write_budget
+
+            budget = gap_budget(net, task, parse_device_overrides(device), repeats=budget_repeats)
+            write_budget(budget, folder)
+            summary["gap_budget"] = {k: budget[k] for k in ("metric", "split", "n_seeds", "repeats",
+                                                              "median_cost", "median_total_gap")}
         summary["device_counters"] = [b.describe()["counters"] for b in backends]
         folder.write_json("summary.json", summary)
         return summary

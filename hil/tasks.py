@@ -109,9 +109,14 @@ def sine_square_sequence(n_periods: int, points: int, seed: int) -> tuple[np.nda
     return x, y
 
 
+VAL_SERIES_SEED = 999
+
+
 class SineSquare(Task):
     """Point-by-point sine/square discrimination (thesis 5.5): one training series and one
-    test series drawn with another seed. Loss: BCE of ``sigmoid(gain * readout)``
+    test series drawn with another seed; with ``task.val_fraction > 0`` also a validation
+    series (a third draw, seed 999, of the same length: the training series is not split).
+    Loss: BCE of ``sigmoid(gain * readout)``
     (thesis eq. 5.5; the gain is ``train.output_gain``)."""
 
     name = "sine_square"
@@ -122,7 +127,10 @@ class SineSquare(Task):
     def __init__(self, cfg: TaskConfig, output_gain: float = 1000.0) -> None:
         super().__init__(cfg)
         self.gain = output_gain
-        for name, seed in (("train", 12345), ("test", 54321)):
+        draws = [("train", 12345), ("test", 54321)]
+        if cfg.val_fraction > 0:  # a third draw of the same length, for choosing settings
+            draws.append(("val", VAL_SERIES_SEED))
+        for name, seed in draws:
             x, y = sine_square_sequence(cfg.n_periods, cfg.points_per_period, seed)
             self.splits[name] = Split(torch.from_numpy(x)[None, :, None], torch.from_numpy(y)[None])
         self.input_centre = 0.0

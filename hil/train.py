@@ -9,6 +9,7 @@ failed and frozen, and reported as such instead of being averaged in silently.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hil.config import ModelConfig, TrainConfig
+from hil.config import HardwareConfig, ModelConfig, TrainConfig
 from hil.errors import ConfigError
 from hil.model import DynamicalNetwork, State
 from hil.tasks import Task
@@ -122,6 +123,7 @@ class Trainer:
         progress: bool = True,
         on_epoch: Callable[[int, dict[str, Any]], set[int]] | None = None,
         label: str = "train",
+        hardware: HardwareConfig | None = None,
     ) -> None:
         if not (len(model_cfgs) == len(train_cfgs) == len(seeds)):
             raise ValueError("one model config, train config and seed per trial")
@@ -157,6 +159,9 @@ class Trainer:
         self.label = label
         self.history: list[dict[str, Any]] = []
         self.gens = [torch.Generator().manual_seed(10_007 * int(s) + 1) for s in seeds]
+        # hardware-aware training: every update sees a fresh draw of the chip's non-idealities
+        self.hardware = hardware if hardware is not None and hardware.active else None
+        self.hw_gens = [torch.Generator().manual_seed(7_919 * int(s) + 3) for s in seeds]
         self._snapshot()
 
     # ------------------------------------------------------------- snapshots / rollback
@@ -195,8 +200,10 @@ class Trainer:
         net = self.net
         for p in net.trainable():
             p.grad = None
-        xseq, fin = net(x, state)
-        out = net.readout(xseq if self.task.per_step else xseq[:, :, -1:])
+        hw = net.hardware_pass(self.hardware, self.hw_gens) if self.hardware else contextlib.nullcontext()
+        with hw:
+            xseq, fin = net(x, state)
+            out = net.readout(xseq if self.task.per_step else xseq[:, :, -1:])
         losses = self.task.loss(out, y)
         bad = ~torch.isfinite(losses.detach()) | ~torch.isfinite(fin.x.detach()).flatten(1).all(1)
         use = self.active & ~bad
@@ -313,7 +320,7 @@ class Trainer:
         return losses / count, metrics / count
 
     def fit(self) -> TrainResult:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         t_start = time.perf_counter()
         epochs = self.tcfg.epochs

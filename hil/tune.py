@@ -4,7 +4,8 @@ Trials are trained in batches on the stacked network (``--batch`` trials per job
 to Optuna after every epoch for pruning, and scored on a validation part of the training
 half by default (``--objective test`` reproduces the paper's practice of scoring on test).
 The study lives in a relational database: an SQLite file in the run folder by default, or
-any SQLAlchemy URL shared by several worker processes or machines (``--storage``).
+any SQLAlchemy URL shared by several worker processes or machines (``--storage``), or an
+Optuna journal file on a shared filesystem (``--storage journal:PATH``).
 A killed search resumes: trials left running by a dead worker on this host are marked failed
 and their parameters queued again.
 """
@@ -14,8 +15,14 @@ from __future__ import annotations
 import copy
 import datetime
 import math
+import multiprocessing as mp
 import os
+import random
+import re
 import socket
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +33,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from hil.config import RunConfig, update, validate
-from hil.errors import ConfigError
+from hil.errors import ConfigError, HilError
+from hil.extras import MissingExtra, available, require
 from hil.tasks import make_task
 from hil.train import Trainer
 
@@ -103,13 +111,105 @@ def recover_stale(study: optuna.Study, orphan_grace_s: float = 5.0) -> int:
     return n
 
 
+JOURNAL_PREFIX = "journal:"
+
+
+def redact(storage: str) -> str:
+    """``storage`` with any password replaced by ``***``, safe to print or store."""
+    if storage.startswith(JOURNAL_PREFIX):
+        return storage
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy reads: hide whatever sits between ':' and '@'
+        return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", storage)
+
+
+def storage_url(storage: str) -> str:
+    """Check a ``--storage`` value and name its database driver explicitly.
+
+    ``postgresql://`` (and ``postgres://``) becomes ``postgresql+psycopg://`` (psycopg 3, the
+    ``postgres`` extra), or ``postgresql+psycopg2://`` when only psycopg2 is installed, since
+    SQLAlchemy's default driver for the plain scheme differs between its versions.
+    """
+    if storage.startswith(JOURNAL_PREFIX):
+        if not storage[len(JOURNAL_PREFIX):]:
+            raise ConfigError("--storage", "journal: needs a file path, e.g. journal:/shared/s.log",
+                              "command line")
+        return storage
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(storage)
+    except ArgumentError:
+        raise ConfigError("--storage", f"{redact(storage)!r} is neither a database URL (e.g. "
+                          "postgresql://user@host/db, sqlite:///study.db) nor journal:PATH",
+                          "command line") from None
+    backend, _, driver = url.drivername.partition("+")
+    if backend in ("postgresql", "postgres"):
+        if not driver:
+            if available("psycopg"):
+                driver = "psycopg"
+            elif available("psycopg2"):
+                driver = "psycopg2"
+            else:
+                raise MissingExtra("psycopg", "a PostgreSQL study database")
+        elif driver == "psycopg":
+            require("psycopg", "a PostgreSQL study database")
+        url = url.set(drivername=f"postgresql+{driver}")
+        return url.render_as_string(hide_password=False)
+    return storage
+
+
+def make_storage(storage: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for a ``--storage`` value (a database URL or ``journal:PATH``)."""
+    storage = storage_url(storage)
+    if storage.startswith(JOURNAL_PREFIX):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(storage[len(JOURNAL_PREFIX):]).expanduser()
+        if not path.parent.is_dir():
+            raise ConfigError("--storage", f"folder {path.parent} of the journal file does not "
+                              "exist", "command line")
+        return JournalStorage(JournalFileBackend(str(path)))
+    from sqlalchemy.exc import SQLAlchemyError
+
+    # workers starting together on an empty database race to create its tables: retry
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(storage)
+        except SQLAlchemyError as exc:
+            if attempt == 5 or _unreachable(exc):
+                raise ConfigError("--storage", f"cannot open {redact(storage)}: "
+                                  f"{_first_line(exc)}", "command line") from None
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Connection refused, unknown host or bad password: retrying does not help."""
+    text = str(exc).lower()
+    if 'database "' in text and "does not exist" in text:
+        return True
+    return any(s in text for s in ("connection refused", "could not translate host",
+                                    "password authentication failed", "no password supplied",
+                                    "name or service not known"))
+
+
 def open_study(storage: str, study_name: str, seed: int | None,
                direction: str = "maximize", prune_warmup: int = 5) -> optuna.Study:
     """Create or load a study; ``prune_warmup`` epochs pass before a trial can be pruned."""
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=prune_warmup)
-    study = optuna.create_study(storage=storage, study_name=study_name, direction=direction,
-                                sampler=sampler, pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(storage=make_storage(storage), study_name=study_name,
+                                direction=direction, sampler=sampler, pruner=pruner,
+                                load_if_exists=True)
     n = len(study.get_trials(deepcopy=False))
     if n and seed is not None:
         # a resumed worker must not replay the random start-up trials a fresh sampler with the
@@ -230,6 +330,85 @@ def worker(base: RunConfig, storage: str, study_name: str, n_trials: int, batch:
     return done
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _worker_entry(kwargs: dict[str, Any]) -> None:
+    worker(**kwargs)
+
+
+def run_search(base: RunConfig, folder: Path, *, storage: str | None = None, study_name: str = "hil",
+               n_trials: int = 40, batch: int = 4, workers: int = 1, objective: str = "val",
+               space: dict[str, FloatDistribution] | None = None, seeds_per_trial: int = 1,
+               prune_warmup: int = 5, sampler_seed: int = 0, threads: int | None = None,
+               progress: bool = True, echo: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """Run (or continue) a search with ``workers`` processes, then write its report.
+
+    ``storage``: a database URL or ``journal:PATH`` shared with other machines, or None for
+    ``study.db`` (SQLite) in ``folder``. Returns the report of :func:`write_report`.
+    """
+    if n_trials < 1 or batch < 1 or workers < 1:
+        raise ConfigError("--n-trials/--batch/--workers", "must be >= 1", "command line")
+    if prune_warmup < 0:
+        raise ConfigError("--prune-warmup", f"must be >= 0, got {prune_warmup}", "command line")
+    space = dict(SEARCH_SPACE) if space is None else space
+    storage = storage or f"sqlite:///{(Path(folder) / 'study.db').resolve()}"
+    echo(f"study: {study_name} in {redact(storage)}")
+    study = open_study(storage, study_name, sampler_seed, prune_warmup=prune_warmup)
+    check_seeds_per_trial(study, base, seeds_per_trial)
+    if "base_config" not in study.user_attrs:  # lets --report rebuild best.yaml anywhere
+        study.set_user_attr("base_config", base.to_dict())
+    n_requeued = recover_stale(study)
+    if n_requeued:
+        echo(f"resumed: {n_requeued} trial(s) of a killed worker queued again")
+    kwargs = dict(base=base, storage=storage, study_name=study_name, n_trials=n_trials,
+                  batch=batch, objective=objective, space=space, progress=progress,
+                  seeds_per_trial=seeds_per_trial, prune_warmup=prune_warmup)
+    if workers == 1:
+        worker(seed=sampler_seed, threads=threads, **kwargs)
+    else:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker_entry,
+                             args=({**kwargs, "seed": sampler_seed + i, "threads": 1,
+                                    "progress": False},))
+                 for i in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        bad = [p.exitcode for p in procs if p.exitcode != 0]
+        if bad:
+            raise WorkerError(f"{len(bad)} worker(s) exited with errors: {bad}")
+    return write_report(study, base, Path(folder))
+
+
+class WorkerError(HilError):
+    """A worker process of a multi-process search failed."""
+
+
+def report_study(storage: str, study_name: str, folder: Path,
+                 base: RunConfig | None = None) -> dict[str, Any]:
+    """Write the report of an existing (e.g. shared) study into ``folder``, training nothing.
+
+    The best config is built on the base config the study's first worker stored, else ``base``.
+    """
+    store = make_storage(storage)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=store)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+        raise ConfigError("--report", f"no study {study_name!r} in {redact(storage)}; it holds "
+                          f"{', '.join(map(repr, names)) or 'none'}", "command line") from None
+    stored = study.user_attrs.get("base_config")
+    if stored is not None:
+        base = validate(update(RunConfig(), stored, f"study {study_name!r}"), "study")
+    elif base is None:
+        raise ConfigError("--report", f"study {study_name!r} stores no base config; give the "
+                          "search's --preset/--config", "command line")
+    return write_report(study, base, Path(folder))
+
+
 def best_config(study: optuna.Study, base: RunConfig) -> RunConfig:
     return apply_params(base, study.best_trial.params)
 
@@ -273,10 +452,7 @@ def _write_trials_csv(study: optuna.Study, path: Path) -> None:
 
 
 def _plots(study: optuna.Study, folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hil.plots import plt
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     vals = [t.value for t in trials]

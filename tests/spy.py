@@ -6,14 +6,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import sims
 from drivers.recording import ExchangeLog, RecordingTransport
-
-SIM_FILE = Path(sims.__file__).parent / "visa" / "sim_lab.yaml"
+from sims.visa import SIM_FILE, install_range_errors
 
 
 def sim_backend(tmp_path: Path) -> str:
-    """A private copy of the pyvisa-sim file (pyvisa caches simulator state per path)."""
+    """A private copy of the pyvisa-sim file (pyvisa caches simulator state per path), with
+    out-of-range values queueing -222 (``sims.visa.install_range_errors``)."""
+    install_range_errors()
     path = tmp_path / "sim_lab.yaml"
     shutil.copy(SIM_FILE, path)
     return f"{path}@sim"

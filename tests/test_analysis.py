@@ -68,7 +68,7 @@ def test_cumulative_drive_rule():
 
 
 def test_design_rule_warnings():
-    cfg = ModelConfig(n_hidden=4, dt_ns=1.0, tau_ns=14.0)
+    cfg = ModelConfig(n_hidden=4, dt_ns=1.0, tau_ns=14.0, integrator="euler")
     tiny = [{"W_ext": torch.full((4, 4), 1e-4), "W_int": torch.full((4, 4), 1e-4),
              "b": torch.zeros(4)}]
     rep = design_rules.check(cfg, tiny)
@@ -77,6 +77,19 @@ def test_design_rule_warnings():
              "b": torch.zeros(4)}]
     rep = design_rules.check(cfg, huge)
     assert any("explicit Euler may diverge" in w for w in rep["warnings"])
-    rep = design_rules.check(ModelConfig(tau_ns=0.5, dt_ns=1.0, substeps=1))
+    rep = design_rules.check(ModelConfig(tau_ns=0.5, dt_ns=1.0, substeps=1, integrator="euler"))
     assert any("not shorter than the relaxation time" in w for w in rep["warnings"])
     assert any("gamma * h" in w for w in rep["warnings"])
+
+
+def test_stability_warnings_are_for_euler_only():
+    """The exponential Heun step is stable at any drive: the same huge weights and coarse step
+    give no Euler-stability warning under it (its accuracy is what hil design's step error
+    and every run's convergence check report)."""
+    huge = [{"W_ext": torch.full((4, 4), 50.0), "W_int": torch.full((4, 4), 50.0),
+             "b": torch.zeros(4)}]
+    for cfg in (ModelConfig(n_hidden=4, tau_ns=14.0, integrator="expheun"),
+                ModelConfig(tau_ns=0.5, dt_ns=1.0, substeps=1, integrator="expheun")):
+        rep = design_rules.check(cfg, huge if cfg.n_hidden == 4 else None)
+        assert not any("Euler" in w or "gamma * h" in w for w in rep["warnings"])
+        assert rep["integrator"] == "expheun"

@@ -72,3 +72,62 @@ def test_bad_arguments_are_config_errors(runs_dir):
         run("source", "calibrate", LAB, "--channels", "four")
     with pytest.raises(HilError, match="virtual lab"):
         calibrate._open(str(Path(LAB).parent / "template_real_bench.yaml"), {"x": 1}, runs_dir)
+
+
+def test_resume_refuses_changed_settings_and_accumulates_lab_time(runs_dir, capsys, tmp_path):
+    grid = ["--no-record", "--reference-sample", "--z-step", "2.5", "--f-step", "1e9",
+            "--max-points", "10"]
+    assert run("calibrate", "reference", LAB, *grid) == 3
+    ref = only_run(runs_dir, "calibrate-reference")
+    first = json.loads((ref / "sweep_state.json").read_text())
+    assert first["sessions"] == 1 and first["lab_time_s"] > 0
+    assert len(first["settings"]["lab_config_sha256"]) == 64
+
+    from hil.errors import HilError
+
+    with pytest.raises(HilError, match=r"settings differ.*nplc: 1.0 in the sweep, 2.0 now"):
+        run("calibrate", "reference", LAB, *grid, "--nplc", "2", "--resume", str(ref))
+    with pytest.raises(HilError, match=r"power_dbm: 16.0 in the sweep, 10.0 now"):
+        run("calibrate", "reference", LAB, *grid, "--power-dbm", "10", "--resume", str(ref))
+    other_lab = tmp_path / "lab.yaml"  # the same bench with one limit changed
+    other_lab.write_text(Path(LAB).read_text().replace("power_dbm: [-60, 18]",
+                                                       "power_dbm: [-60, 17]"))
+    with pytest.raises(HilError, match=r"lab_config_sha256: \"[0-9a-f]{64}\" in the sweep"):
+        run("calibrate", "reference", str(other_lab), *grid, "--resume", str(ref))
+    with pytest.raises(HilError, match=r"--resume .*nowhere: no such run folder"):
+        run("calibrate", "reference", LAB, *grid, "--resume", str(runs_dir / "nowhere"))
+    assert not (runs_dir / "nowhere").exists()
+
+    assert run("calibrate", "reference", LAB, *grid, "--resume", str(ref)) == 3
+    second = json.loads((ref / "sweep_state.json").read_text())
+    assert second["sessions"] == 2 and second["lab_time_s"] > first["lab_time_s"]
+    assert second["settings"] == first["settings"]
+    assert "over 2 session(s)" in capsys.readouterr().out
+
+
+def test_two_resumes_of_one_folder_cannot_both_run(runs_dir):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    grid = ["--no-record", "--reference-sample", "--z-step", "2.5", "--f-step", "1e9"]
+    assert run("calibrate", "reference", LAB, *grid, "--max-points", "1") == 3
+    ref = only_run(runs_dir, "calibrate-reference")
+    # another program resumes the folder and holds it (a sweep that waits in its progress bar)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom hil.locks import BenchLock\n"
+         "with BenchLock(__import__('pathlib').Path(sys.argv[1]) / '.lock', 'run folder'):\n"
+         "    print('holding', flush=True)\n    time.sleep(30)\n", str(ref)],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        from hil.locks import LockedError
+
+        with pytest.raises(LockedError, match=rf"run folder .* is in use by pid {holder.pid}"):
+            run("calibrate", "reference", LAB, *grid, "--resume", str(ref))
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.05)
+    assert run("calibrate", "reference", LAB, *grid, "--max-points", "1", "--resume", str(ref)) == 3

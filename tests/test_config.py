@@ -106,6 +106,12 @@ def test_every_shipped_preset_loads_and_validates():
     # the paper's comparison: the CTRNN baseline has the spintronic network's architecture
     spin, ctrnn = load_config(preset="digits").model, load_config(preset="digits_ctrnn").model
     assert (spin.neuron, ctrnn.neuron) == ("spintronic", "ctrnn") and not ctrnn.highpass_on
-    for key in ("n_layers", "n_hidden", "density_inter", "density_intra", "dt_ns", "substeps"):
+    for key in ("n_layers", "n_hidden", "density_inter", "density_intra", "dt_ns"):
         assert getattr(spin, key) == getattr(ctrnn, key), key
     assert spin.density_inter == spin.density_intra == 0.5
+    # issue 16: every trained preset integrates with the converged scheme (its figures hold
+    # under a converged solution of the ODE), and the upload preset knows the thermal floor
+    for name in names:
+        if name != "digits_paper":
+            assert load_config(preset=name).model.scheme == "expheun", name
+    assert spin.thermal_d_ghz > 0

@@ -170,6 +170,40 @@ def test_transport_timeouts_and_link_errors_name_instrument_and_command():
         w.level_v = 0.1
 
 
+def test_an_interrupted_query_does_not_desynchronise_the_next_exchange():
+    """Ctrl-C/SIGTERM between a query's write and its read leaves the reply in the instrument's
+    output queue; the shutdown that follows must not read it as the answer to its own query:
+    the next exchange starts with a device clear (seen on the virtual lab: the shutdown's
+    *OPC? read a stale error-queue reply and RF stayed on)."""
+
+    class Buffered(TableTransport):
+        def __init__(self, replies):
+            super().__init__(replies)
+            self.pending: list[str] = []
+            self.interrupt_next_read = False
+
+        def query(self, command):
+            self.sent.append(command)
+            self.pending.append(self.replies[command])
+            if self.interrupt_next_read:
+                self.interrupt_next_read = False
+                raise KeyboardInterrupt
+            return self.pending.pop(0)
+
+        def clear(self):
+            self.sent.append("<clear>")
+            self.pending.clear()
+
+    t = Buffered({"*IDN?": "ACME,W1,123,1.0", "SYST:ERR?": '0,"No error"', "LEV?": "0.250",
+                  "MODE?": "FAST"})
+    w = Widget(t, name="w")
+    t.interrupt_next_read = True
+    with pytest.raises(KeyboardInterrupt):
+        _ = w.level_v
+    assert w.mode == "fast"  # not the stale "0.250"
+    assert t.sent[-2:] == ["<clear>", "MODE?"]
+
+
 def test_identity_mismatch_sends_nothing_else():
     t = TableTransport({"*IDN?": "OTHER,THING,1,1"})
     with pytest.raises(DriverError, match=r"expected a ACME W1 .* answered 'OTHER,THING,1,1'"):

@@ -98,10 +98,28 @@ def test_instrument_error_is_raised_with_its_own_message(sim):
         assert src.freq_hz == pytest.approx(3e9)
 
 
-def test_n5183b_instrument_error(sim):
-    with KeysightN5183B.open("TCPIP0::192.168.1.31::inst0::INSTR", sim) as src:
+def test_n5183b_limits_follow_the_installed_options(sim):
+    # No limits in the configuration: the unit (option 520, level up to +25 dBm) is narrower
+    # than the driver's 40 GHz / +30 dBm, and connecting must still work.
+    src, log = open_spied(KeysightN5183B, "TCPIP0::192.168.1.31::inst0::INSTR", sim)
+    with src:
+        assert "*OPT?" in sent(log)
+        assert src.limits["freq_hz"].max == 20e9
+        assert (src.limits["power_dbm"].min, src.limits["power_dbm"].max) == (-130.0, 25.0)
+        assert src._level_ceiling() == pytest.approx(25.0)  # the ceiling within the unit's range
+        before = len(log.entries)
+        with pytest.raises(LimitError, match=r"freq_hz=3e\+10 Hz refused \(allowed \[9000, 2e\+10\]"):
+            src.freq_hz = 30e9  # option 520 stops at 20 GHz: refused before sending
+        assert len(log.entries) == before
         with pytest.raises(InstrumentError, match='-222,"Data out of range"'):
-            src.freq_hz = 30e9  # option 520 stops at 20 GHz
+            src.set("SOUR:FREQ 30000000000.000")  # sent anyway: the unit's own error
+
+
+def test_n5183b_config_limit_outside_the_unit_is_refused_at_connect(sim):
+    with pytest.raises(LimitError, match=r"freq_hz \[2.5e\+10, 3e\+10\] Hz lies outside what "
+                                         r"frequency option"):
+        KeysightN5183B.open("TCPIP0::192.168.1.31::inst0::INSTR", sim,
+                            limits={"freq_hz": [25e9, 30e9]})
 
 
 @pytest.mark.parametrize("cls,address", [(RohdeSchwarzSMB100A, "GPIB0::30::INSTR"),
@@ -117,8 +135,11 @@ def test_timeout_names_instrument_and_command(sim, cls, address):
 def test_timeout_during_a_session(sim):
     with RohdeSchwarzSMB100A.open("GPIB0::28::INSTR", sim) as src:
         src.timeout_ms = 50
-        with pytest.raises(InstrumentTimeout, match=r"no reply to 'SOUR:FREQ:MODE\?'"):
-            src.query("SOUR:FREQ:MODE?")  # a query this instrument does not answer
+        with pytest.raises(InstrumentTimeout, match=r"no reply to 'SOUR:FREQ:MODE\?' within 50 ms "
+                                                    r'\(query\); the instrument reported: '
+                                                    r'-113,"Undefined header"'):
+            src.query("SOUR:FREQ:MODE?")  # a query this definition does not know
+        src.freq_hz = 2e9  # the error was read with the failed query, not blamed on this one
 
 
 def test_wrong_instrument_at_the_address_is_refused(sim):

@@ -50,8 +50,8 @@ def test_out_of_limit_requests_are_refused_before_sending(sim):
 def test_instrument_error_is_raised_with_its_own_message(sim):
     with MiniCircuitsRC1SP4T.open(SW, sim) as sw:
         with pytest.raises(InstrumentError, match=r"switch answered '0' \(failure\) to "
-                                                  r"':SP4T:STATE:7'"):
-            sw.set(":SP4T:STATE:7")  # sent without the driver's check: the switch refuses
+                                                  r"':SP4TA:STATE:7'"):
+            sw.set(":SP4TA:STATE:7")  # sent without the driver's check: the switch refuses
 
 
 def test_timeout(sim):

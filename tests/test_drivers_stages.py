@@ -112,6 +112,39 @@ def test_smc100_wrong_stage_is_refused(sim):
         NewportSMC100.open("ASRL1::INSTR", sim, options=URS)
 
 
+def test_smc100_accepts_a_stage_it_has_no_table_for(sim):
+    # A TRA25CC (0-25 mm, 0.4 mm/s) is not in the driver's table: it is accepted, its travel
+    # and speed come from the controller's own SL/SR and VA.
+    for options in ({"stage": "TRA25CC"}, {}):
+        with NewportSMC100.open("ASRL5::INSTR", sim, options=options) as x:
+            assert x.stage.name == "TRA25CC" and x.unit == "mm"
+            assert (x.limits["position_mm"].min, x.limits["position_mm"].max) == (0.0, 25.0)
+            assert x.limits["velocity_mm_s"].max == pytest.approx(0.4)
+            x.move_abs_mm(12.0)
+            assert x.position_mm == pytest.approx(12.0)
+            with pytest.raises(LimitError, match=r"position_mm=30 mm refused"):
+                x.move_abs_mm(30.0)
+
+
+def test_smc100_config_limits_win_for_an_unknown_stage(sim):
+    with NewportSMC100.open("ASRL5::INSTR", sim, options={"stage": "TRA25CC"},
+                            limits={"position_mm": [2, 20], "velocity_mm_s": [0, 0.2]}) as x:
+        assert (x.limits["position_mm"].min, x.limits["position_mm"].max) == (2.0, 20.0)
+        assert x.limits["velocity_mm_s"].max == pytest.approx(0.2)
+        assert float(x.query("1SR?")[3:]) == 20  # mirrored into the controller
+
+
+def test_smc100_known_stage_reported_when_none_is_configured(sim):
+    with NewportSMC100.open("ASRL1::INSTR", sim) as x:  # no stage option: LTA-HS reported
+        assert x.stage.name == "LTA-HS"
+        assert (x.limits["position_mm"].min, x.limits["position_mm"].max) == (0.0, 50.0)
+    with pytest.raises(IdentityError, match=r"reports stage 'URS100BCC', which works in deg"):
+        NewportSMC100.open("ASRL4::INSTR", sim)  # a rotation stage, used as a linear axis
+    with pytest.raises(IdentityError, match=r"says stage 'TRA12CC' but the controller reports "
+                                            r"'TRA25CC'"):
+        NewportSMC100.open("ASRL5::INSTR", sim, options={"stage": "TRA12CC"})
+
+
 def test_smc100_timeout(sim):
     with pytest.raises(InstrumentTimeout, match=r"Newport SMC100 at ASRL9::INSTR: no reply to "
                                                 r"'1VE' within 50 ms"):

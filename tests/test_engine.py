@@ -1,6 +1,8 @@
 """The fast engine equals the straightforward autograd loop: states, losses and gradients,
 on both of its back ends (native kernel and torch), for every neuron type and filter option."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -33,14 +35,17 @@ def _run(net, u, engine_name):
     return loss.detach(), xseq.detach(), [p.grad.clone() for p in net.trainable()]
 
 
+@pytest.mark.parametrize("integrator", engine.SCHEMES)
 @pytest.mark.parametrize("kind", NEURON_TYPES)
 @pytest.mark.parametrize("highpass", [True, False])
-def test_fast_engine_matches_reference(kind, highpass, backend):
+def test_fast_engine_matches_reference(kind, highpass, integrator, backend):
+    if integrator == "expheun" and kind not in engine.EXPHEUN_KINDS:
+        pytest.skip("no closed-form step for this neuron type")
     torch.manual_seed(0)
-    cfgs = [ModelConfig(neuron=kind, highpass=highpass, n_hidden=6,
+    cfgs = [ModelConfig(neuron=kind, highpass=highpass, n_hidden=6, integrator=integrator,
                         q=0.3 if kind == "spintronic" else 0.0, S_in=3.0),
             ModelConfig(neuron=kind, highpass=highpass, n_hidden=6, S=0.9, tau_ns=4.0,
-                        substeps=4, S_in=2.0)]
+                        substeps=4, S_in=2.0, integrator=integrator)]
     net = DynamicalNetwork(cfgs, 2, 3, [0, 1]).double()
     u = torch.rand(4, 9, 2, dtype=torch.float64)
     lf, xf, gf = _run(net, u, "fast")
@@ -96,7 +101,7 @@ def test_no_grad_path_equals_training_path(backend):
 
 
 def _random_problem(K, B, T, L, N, substeps, kind="spintronic", highpass=True, q=True, seed=0,
-                    layer_size=True):
+                    layer_size=True, scheme="euler"):
     """Random inputs of :class:`EulerScan` (float64), states inside (0, 1)."""
     g = torch.Generator().manual_seed(seed)
     M = L * N
@@ -112,7 +117,12 @@ def _random_problem(K, B, T, L, N, substeps, kind="spintronic", highpass=True, q
         (torch.rand(K, 1, M, generator=g, dtype=torch.float64) * 0.5) if q else None,
         (1 - torch.rand(K, 1, 1, generator=g, dtype=torch.float64) * 0.1) if highpass else None,
         N if layer_size else None,
+        scheme,
     )
+    if scheme == "expheun" and highpass:  # the filter's mid-step factor, as the model sets it
+        dyn = dataclasses.replace(dyn, a_half=dyn.a.sqrt())
+    if kind == "spintronic":  # a thermal floor per trial (large, so that it matters)
+        dyn = dataclasses.replace(dyn, floor=torch.rand(K, 1, 1, generator=g, dtype=torch.float64) * 0.02)
     return C, Wr, X0, Y0, dyn
 
 
@@ -139,10 +149,11 @@ def _grads_reference(C, Wr, X0, Y0, dyn, w, N):
     [(1, 1, 1, 1, 1, 1), (2, 7, 5, 2, 3, 3), (1, 17, 16, 3, 5, 4), (3, 9, 4, 3, 16, 1),
      (1, 16, 17, 2, 17, 2), (2, 33, 3, 1, 8, 5), (1, 3, 3, 2, 2, 20)],
 )
-def test_engine_shapes_against_reference(K, B, T, L, N, substeps, backend):
+@pytest.mark.parametrize("scheme", engine.SCHEMES)
+def test_engine_shapes_against_reference(K, B, T, L, N, substeps, scheme, backend):
     """Tile padding (B not a multiple of the tile), adjoint blocks (T vs block length), layer
     sizes that do not fill the register blocks, one layer, one point, one sub-step."""
-    C, Wr, X0, Y0, dyn = _random_problem(K, B, T, L, N, substeps, seed=K * 100 + T)
+    C, Wr, X0, Y0, dyn = _random_problem(K, B, T, L, N, substeps, seed=K * 100 + T, scheme=scheme)
     g = torch.Generator().manual_seed(1)
     w = [torch.randn(s, generator=g, dtype=torch.float64) for s in
          ((K, B, T, L * N), (K, B, L * N), (K, B, L * N))]

@@ -102,9 +102,9 @@ BAD_CONFIGS = [
     ("timeout_wrong_type", _set("instruments/smb/timeout_ms", "fast"),
      "instruments.smb.timeout_ms", ["must be a positive number of milliseconds, got 'fast'"]),
     ("unknown_option", _set("instruments/x/options/speed", 3), "instruments.x.options.speed",
-     ["unknown option for newport_smc100; allowed: stage, controller_address"]),
-    ("option_not_allowed", _set("instruments/x/options/stage", "ILS999"),
-     "instruments.x.options.stage", ["choose one of LTA-HS, LTA-HL, URS100BCC"]),
+     ["unknown option for newport_smc100; allowed: stage, unit, controller_address"]),
+    ("option_not_allowed", _set("instruments/x/options/unit", "inch"),
+     "instruments.x.options.unit", ["choose one of mm, deg"]),
     ("option_wrong_type", _set("instruments/x/options/controller_address", "one"),
      "instruments.x.options.controller_address", ["must be of type int, got 'one'"]),
     ("unknown_role", _set("roles/magnet", "smb"), "roles.magnet",
@@ -163,6 +163,32 @@ def test_unreadable_and_malformed_files(tmp_path):
         load_lab_config(bad)
     with pytest.raises(ConfigError, match=r"x.yaml: \(top level\): must be a mapping"):
         parse_lab_config(["a"], source="x.yaml")
+
+
+def test_duplicate_instrument_names_are_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "lab.yaml"
+    path.write_text(
+        "instruments:\n"
+        "  smb: {driver: rs_smb100a, address: 'GPIB0::28::INSTR'}\n"
+        "  nvm: {driver: keithley_2182a, address: 'GPIB0::7::INSTR'}\n"
+        "  smb: {driver: keysight_n5183b, address: 'TCPIP0::192.168.1.31::inst0::INSTR'}\n"
+        "roles: {rf_source: smb, voltmeter: nvm}\n")
+    with pytest.raises(ConfigError, match=r"instruments.smb: instrument name 'smb' is defined "
+                                          r"twice \(lines 2 and 4\)"):
+        load_lab_config(path)
+    path.write_text(path.read_text().replace("  smb: {driver: keysight", "  mxg: {driver: keysight")
+                    + "roles: {rf_source: mxg}\n")  # a duplicate top-level key too
+    with pytest.raises(ConfigError, match=r"roles: key 'roles' is defined twice \(lines 5 and 6\)"):
+        load_lab_config(path)
+
+
+def test_two_instruments_at_one_address_are_refused_naming_both(tmp_path):
+    data = copy.deepcopy(BASE)
+    data["instruments"]["smb2"] = {"driver": "keysight_n5183b", "address": "gpib0::28::instr"}
+    with pytest.raises(ConfigError, match=r"instruments.smb2.address: gpib0::28::instr is also the "
+                                          r"address of instrument 'smb' \(rs_smb100a\); "
+                                          r"instruments 'smb' and 'smb2' cannot share"):
+        load_lab_config(write(tmp_path, data))
 
 
 def test_required_roles_can_be_chosen(tmp_path):
@@ -276,3 +302,39 @@ def test_hil_main_prints_config_errors_once_wired(tmp_path, monkeypatch, capsys)
     assert hil_cli.main(["lab", "check", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"hil lab: error: {path}: roles.voltmeter: instrument 'smb'" in err
+
+
+# --------------------------------------------------------------------------- one program per bench
+
+
+def test_a_second_program_is_refused_naming_the_holder_and_sends_nothing(tmp_path, monkeypatch):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("HIL_LOCK_DIR", str(tmp_path / "locks"))
+    data = copy.deepcopy(BASE)
+    data["visa_backend"] = private_sim(tmp_path)
+    del data["instruments"]["x"], data["instruments"]["rot"]
+    del data["roles"]["stage.x"], data["roles"]["stage.rotation"]
+    config = write(tmp_path, data)
+    second_log = tmp_path / "second.jsonl"
+    script = ("import sys\nfrom hil.lab import LabError, open_lab\n"
+              "try:\n    open_lab(sys.argv[1], record_to=sys.argv[2]).close()\n"
+              "except LabError as exc:\n    print('REFUSED', exc)\n")
+    with open_lab(config):  # this program holds the bench
+        result = subprocess.run([sys.executable, "-c", script, str(config), str(second_log)],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "HIL_LOCK_DIR": str(tmp_path / "locks")})
+    assert "REFUSED" in result.stdout, result.stdout + result.stderr
+    assert f"GPIB0::28::INSTR) is in use by pid {os.getpid()}" in result.stdout
+    assert "since 20" in result.stdout and "touched nothing" in result.stdout
+    exchanges = ([json.loads(line) for line in second_log.read_text().splitlines()]
+                 if second_log.exists() else [])
+    assert exchanges == [], "the refused program sent something"
+    # once the holder has closed, the bench is free again
+    result = subprocess.run([sys.executable, "-c", script, str(config), str(second_log)],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "HIL_LOCK_DIR": str(tmp_path / "locks")})
+    assert "REFUSED" not in result.stdout, result.stdout

@@ -42,7 +42,7 @@ def layers_of(net):
 def test_ideal_device_reproduces_the_model():
     """No mismatch, noise or drift, the model's integrator: the chip measures the model's states."""
     net = trained_like_net()
-    dev = OscillatorArrayDevice(cfg(**IDEAL, method="euler", substeps=MC.substeps), seed=3)
+    dev = OscillatorArrayDevice(cfg(**IDEAL, method=MC.scheme, substeps=MC.substeps), seed=3)
     dev.program(layers_of(net))
     u = torch.rand(5, 20, 1, generator=torch.Generator().manual_seed(0))
     r = dev.run(u.numpy())

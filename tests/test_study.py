@@ -92,6 +92,17 @@ def test_cli_train_with_backend_then_upload_with_verify(runs_dir, capsys):
     assert summary["verify"][0]["iterations"] <= 1 and len(summary["verify"][0]["state_rms"]) >= 1
     assert (up / "verify.jsonl").is_file() and (up / "verify_residuals_seed0.npz").is_file()
     assert (up / "sim_to_real.png").is_file()
+    budget = json.loads((up / "gap_budget.json").read_text())  # issue 16: the gap, factor by factor
+    assert budget["per_seed"][0]["total_gap"] == pytest.approx(
+        sum(p["cost"] for p in budget["per_seed"][0]["parts"]))
+    assert "gap budget" in out and (up / "gap_budget.png").is_file()
+    # the same run through the lab bench (virtual lab): upload to any backend
+    assert main(["upload", str(train_folder), "--backend", "lab:lab_configs/virtual.yaml",
+                 "--name", "lab"]) == 0
+    lab = next(p for p in runs_dir.iterdir() if p.name.endswith("upload-lab"))
+    summary = json.loads((lab / "summary.json").read_text())
+    assert summary["backend"] == "lab:lab_configs/virtual.yaml" and 0 <= summary["device"]["median"] <= 1
+    assert summary["device_counters"][0]["uploads"] == 1 and "gap_budget" not in summary
 
 
 def test_cli_study_mismatch_and_its_errors(runs_dir, capsys):
@@ -107,3 +118,8 @@ def test_cli_study_mismatch_and_its_errors(runs_dir, capsys):
         assert words in err and "Traceback" not in err
     assert main(["upload", str(runs_dir / "nothing")]) == 2
     assert "no model.pt" in capsys.readouterr().err
+    # checked before any instrument is opened: no lab lock, no run folder of the upload
+    before = set(runs_dir.iterdir())
+    assert main(["upload", str(runs_dir / "nothing"), "--backend", "lab:lab_configs/virtual.yaml"]) == 2
+    assert "no model.pt" in capsys.readouterr().err
+    assert set(runs_dir.iterdir()) == before

@@ -407,3 +407,24 @@ def test_truth_is_a_copy_not_a_handle():
     truth["material"]["meff_oe"] = 1.0
     assert world.truth()["material"]["meff_oe"] == 9680.0
     assert world.sample.width_um[0] != 0.0
+
+
+def test_virtual_switch_and_mxg_answer_the_manual_forms():
+    world = World.from_file("thesis_bench.yaml", seed=0)
+    rm = pyvisa.ResourceManager(VirtualVisaLibrary.for_world(world))
+    sw = rm.open_resource("TCPIP0::192.168.1.50::23::SOCKET", read_termination="\r\n",
+                          write_termination="\r\n")
+    sw.timeout = 500
+    assert sw.query(":SP4TA:STATE:3") == "1" and sw.query(":SP4TA:STATE?") == "3"
+    assert sw.query("SWPORT?") == "4"  # bit 2 = port 3
+    assert sw.query("SETP=1") == "1" and sw.query("sp4ta:state?") == "1"
+    assert sw.query("SETP=3") == "0"  # two ports of one SP4T at once: refused
+    assert sw.query(":SP4T:STATE:2") == "0"  # the switch letter is required
+    assert sw.query(":SP4TA:STATE?") == "1"
+    mxg = rm.open_resource("TCPIP0::192.168.1.31::inst0::INSTR", read_termination="\n",
+                           write_termination="\n")
+    mxg.timeout = 500
+    assert "520" in mxg.query("*OPT?").split(",")
+    assert float(mxg.query("SOUR:POW? MAX")) == 25.0 and float(mxg.query("POW? MIN")) == -130.0
+    mxg.write("SOUR:POW:USER:MAX 30")  # above the unit's level range
+    assert mxg.query("SYST:ERR?").startswith("-222")

@@ -66,12 +66,53 @@ def _record(args: argparse.Namespace, run: RunFolder) -> Path | None:
 
 
 def _progress(total: int) -> Any:
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="pt", dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------- reference
+
+#: What a sweep was started with (checked on --resume) and the lab time it has used so far.
+SWEEP_STATE = "sweep_state.json"
+
+
+def _sweep_settings(args: argparse.Namespace, plan: Any) -> dict[str, Any]:
+    """Every measurement setting of a reference sweep, and the lab config's identity."""
+    from hil.lab import load_lab_config
+
+    return {"devices": plan.devices, "stage_z_mm": plan.stage_z_mm, "freq_hz": plan.freq_hz,
+            "power_dbm": plan.power_dbm, "source_port": plan.source_port, "nplc": plan.nplc,
+            "direction": plan.direction, "gradient_oe_per_mm": plan.gradient_oe_per_mm,
+            "gamma_hz_per_oe": plan.gamma_hz_per_oe, "reference_sample": args.reference_sample,
+            "lab_config_sha256": load_lab_config(args.lab).identity_hash()}
+
+
+def _new_sweep(run: RunFolder, settings: dict[str, Any]) -> dict[str, Any]:
+    state = {"settings": settings, "lab_time_s": 0.0, "sessions": 0}
+    run.write_json(SWEEP_STATE, state)
+    return state
+
+
+def _check_resume(run: RunFolder, settings: dict[str, Any]) -> dict[str, Any]:
+    """The stored state, if ``settings`` are those the sweep was started with; else stop."""
+    path = run.file(SWEEP_STATE)
+    if not path.exists():
+        raise HilError(f"--resume {run.path}: no {SWEEP_STATE} (not a reference sweep folder?)")
+    state = json.loads(path.read_text())
+    stored = json.loads(json.dumps(state["settings"]))
+    now = json.loads(json.dumps(settings))  # the same JSON types as the stored ones
+    differ = [f"{key}: {_short(stored.get(key))} in the sweep, {_short(now.get(key))} now"
+              for key in sorted(set(stored) | set(now)) if stored.get(key) != now.get(key)]
+    if differ:
+        raise HilError(f"--resume {run.path}: settings differ from the sweep's, refusing to mix "
+                       "them in one map: " + "; ".join(differ))
+    return state
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
@@ -84,18 +125,31 @@ def cmd_reference(args: argparse.Namespace) -> int:
                      power_dbm=args.power_dbm, source_port=args.source_port, nplc=args.nplc,
                      direction=args.direction, gradient_oe_per_mm=args.gradient,
                      gamma_hz_per_oe=args.gamma)
+    settings = _sweep_settings(args, plan)
+    if args.resume and not Path(args.resume).is_dir():
+        raise HilError(f"--resume {args.resume}: no such run folder")
     run = RunFolder(Path(args.resume)) if args.resume else RunFolder.create("calibrate-reference")
     csv_path = run.file("reference_map.csv")
     print(f"run folder: {run}")
     total = len(plan.stage_z_mm) * len(plan.freq_hz) * len(devices)
-    with _open(args.lab, REFERENCE_SAMPLE if args.reference_sample else None, _record(args, run)) as lab:
-        bar = _progress(total)
-        try:
-            new = measure_reference_map(lab, plan, csv_path,
-                                        progress=lambda i, n: bar.update(i - bar.n),
-                                        max_points=args.max_points)
-        finally:
-            bar.close()
+    from hil.locks import BenchLock
+
+    with BenchLock(run.file(".lock"), f"run folder {run.path}"):
+        state = _check_resume(run, settings) if args.resume else _new_sweep(run, settings)
+        with _open(args.lab, REFERENCE_SAMPLE if args.reference_sample else None,
+                   _record(args, run)) as lab:
+            bar = _progress(total)
+            start_s = float(lab.clock.now_s())
+            try:
+                new = measure_reference_map(lab, plan, csv_path,
+                                            progress=lambda i, n: bar.update(i - bar.n),
+                                            max_points=args.max_points)
+            finally:
+                bar.close()
+                state["lab_time_s"] += float(lab.clock.now_s()) - start_s
+                state["sessions"] += 1
+                run.write_json(SWEEP_STATE, state)
+    print(f"lab time {state['lab_time_s']:.0f} s over {state['sessions']} session(s)")
     m = ReferenceMap.load(csv_path)
     print(f"{new} new points, {int(np.isfinite(m.device_grid_v).sum())} of {total} saved")
     if not m.complete:
@@ -114,10 +168,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
 
 def _plot_reference(m: Any, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hil.plots import plt  # figures without pyplot: no backend switch
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     field = m.field_oe()

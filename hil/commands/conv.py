@@ -124,10 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _plot_training(history: list[dict[str, Any]], path: Any, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hil.plots import plt
 
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -145,10 +142,7 @@ def _plot_training(history: list[dict[str, Any]], path: Any, title: str) -> None
 
 def _plot_kernels(kernels: np.ndarray, path: Any) -> None:
     """The 2x2 kernels as images (thesis Fig. 4.2a), one shared symmetric colour scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hil.plots import plt
 
     vmax = float(np.abs(kernels).max()) or 1.0
     fig, axes = plt.subplots(1, len(kernels), figsize=(3.2 * len(kernels), 3.2))

@@ -20,19 +20,25 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hil import design_rules
+    from hil.convergence import step_error
 
     if args.run_folder:
         from hil.commands.analyse import load_run
 
-        cfg, _, net = load_run(Path(args.run_folder))
+        cfg, task, net = load_run(Path(args.run_folder))
         report = design_rules.check(cfg.model, net.layer_weights(0))
     else:
         cfg = resolve_config(args, default_preset="digits")
         from hil.model import DynamicalNetwork
+        from hil.tasks import make_task
 
-        net = DynamicalNetwork([cfg.model], 1, 10, [cfg.seeds[0]])
+        task = make_task(cfg.task, cfg.train.output_gain)
+        net = DynamicalNetwork([cfg.model], task.n_in, task.n_out, [cfg.seeds[0]],
+                               task.input_centre)
         report = design_rules.check(cfg.model, net.layer_weights(0))
         report["note"] = "weights at initialisation; pass --run to check trained weights"
+    # the integrator's own error on the task's first test inputs, against a converged solution
+    report["step_error"] = step_error(net, task.splits["test"].x[:64])
     print(json.dumps(report, indent=2))
     for w in report["warnings"]:
         print(f"warning: {w}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -60,6 +59,5 @@ def run_mismatch(args: argparse.Namespace) -> int:
     print()
     print(folder.file("mismatch_study.md").read_text())
     print(f"{s['seconds']:.0f} s")
-    print(json.dumps({"run_folder": str(folder)}))
     print(f"run folder: {folder}")
     return 0

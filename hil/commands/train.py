@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -119,13 +118,22 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"\n{cfg.task.name} / {cfg.model.neuron}: every seed failed, no test {metric} to summarise "
               "(see metrics.jsonl and the warnings below)")
+    conv = summary.get("convergence")
+    if conv and conv["test_reference"].get("n", 0):
+        r = conv["reference"]
+        print(f"under a converged solution of the same ODE ({r['scheme']}, {r['substeps']} sub-steps "
+              f"per point): median {100 * conv['test_reference']['median']:.2f} % "
+              f"(training integrator {conv['trained']['scheme']}-{conv['trained']['substeps']}: "
+              f"median {100 * conv['test_trained']['median']:.2f} %, worst seed's gap "
+              f"{conv['worst_gap_points']:+.2f} points)")
+    if conv and conv.get("warning"):
+        print(f"warning: {conv['warning']}")
     if summary["failed_seeds"]:
         print(f"failed seeds (not in the summary): {summary['failed_seeds']}")
     for w in summary["design_rules"]["warnings"]:
         print(f"warning: {w}")
     if backend:
         _upload_after_training(cfg, folder, backend, args.device)
-    print(json.dumps({"run_folder": str(folder)}))
     print(f"run folder: {folder}")
     return 0
 

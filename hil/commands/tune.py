@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,10 +25,15 @@ def register(sub: Any) -> None:
                    "up to (workers - 1) x batch, since each checks the count before asking)")
     p.add_argument("--batch", type=int, default=4, help="trials trained together per job")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    p.add_argument("--storage", help="SQLAlchemy URL of a shared study database, e.g. "
-                   "postgresql://user@host/db or sqlite:///path.db")
+    p.add_argument("--storage", metavar="URL", help="shared study storage: a SQLAlchemy URL, e.g. "
+                   "postgresql://user@host/db (password from PGPASSWORD or ~/.pgpass; needs the "
+                   "postgres extra) or sqlite:///path.db, or journal:PATH (an Optuna journal file on "
+                   "a filesystem the machines share, no database server needed)")
     p.add_argument("--study-name", default="hil", help="study name inside the storage")
     p.add_argument("--resume", metavar="RUN_FOLDER", help="continue the study of a run folder")
+    p.add_argument("--report", metavar="STUDY", help="train nothing: write the report (trials.csv, "
+                   "best.yaml, plots) of study STUDY in --storage (or of --resume's study.db) to "
+                   "a new run folder, e.g. after the last task of a scheduler array")
     p.add_argument("--objective", choices=("val", "test"), default="val",
                    help="score on a validation part of the training half (default) or on test "
                    "as the paper did")
@@ -46,24 +49,17 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _worker_entry(kwargs: dict[str, Any]) -> None:
-    from hil.tune import worker
-
-    worker(**kwargs)
-
-
 def run(args: argparse.Namespace) -> int:
     from hil import tune
 
+    if args.report:
+        return _report(args)
     cfg = resolve_config(args, default_preset="digits")
     if args.objective == "val" and cfg.task.val_fraction == 0:
         cfg.task.val_fraction = 0.2
-    if args.n_trials < 1 or args.batch < 1 or args.workers < 1:
-        raise ConfigError("--n-trials/--batch/--workers", "must be >= 1", "command line")
-    if args.prune_warmup < 0:
-        raise ConfigError("--prune-warmup", f"must be >= 0, got {args.prune_warmup}",
-                          "command line")
     space = tune.parse_space(args.space)
+    if args.storage:
+        tune.storage_url(args.storage)  # a bad URL or a missing driver stops before any folder
     if args.resume:
         folder = RunFolder(Path(args.resume))
         if not folder.file("study.db").exists() and not args.storage:
@@ -72,38 +68,46 @@ def run(args: argparse.Namespace) -> int:
         folder = RunFolder.create("tune", args.runs_dir, args.name or cfg.task.name)
         folder.write_config(cfg.to_dict())
         folder.write_json("search_space.json", {k: repr(v) for k, v in space.items()})
-    storage = args.storage or f"sqlite:///{(folder.path / 'study.db').resolve()}"
-    print(f"run folder: {folder}\nstudy: {args.study_name} in {storage}", file=sys.stderr)
-    study = tune.open_study(storage, args.study_name, args.sampler_seed,
-                            prune_warmup=args.prune_warmup)
-    tune.check_seeds_per_trial(study, cfg, args.seeds_per_trial)
-    n_requeued = tune.recover_stale(study)
-    if n_requeued:
-        print(f"resumed: {n_requeued} trial(s) of a killed worker queued again", file=sys.stderr)
-    kwargs = dict(base=cfg, storage=storage, study_name=args.study_name, n_trials=args.n_trials,
-                  batch=args.batch, objective=args.objective, space=space,
-                  progress=not args.no_progress, seeds_per_trial=args.seeds_per_trial,
-                  prune_warmup=args.prune_warmup)
-    if args.workers == 1:
-        tune.worker(seed=args.sampler_seed, threads=args.threads, **kwargs)
-    else:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker_entry,
-                             args=({**kwargs, "seed": args.sampler_seed + i, "threads": 1,
-                                    "progress": False},))
-                 for i in range(args.workers)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        bad = [p.exitcode for p in procs if p.exitcode != 0]
-        if bad:
-            print(f"{len(bad)} worker(s) exited with errors: {bad}", file=sys.stderr)
-            return 1
-    report = tune.write_report(study, cfg, folder.path)
+    print(f"run folder: {folder}", file=sys.stderr)
+    report = tune.run_search(
+        cfg, folder.path, storage=args.storage, study_name=args.study_name,
+        n_trials=args.n_trials, batch=args.batch, workers=args.workers, objective=args.objective,
+        space=space, seeds_per_trial=args.seeds_per_trial, prune_warmup=args.prune_warmup,
+        sampler_seed=args.sampler_seed, threads=args.threads, progress=not args.no_progress)
     folder.write_json("tune_summary.json", report)
-    print(json.dumps(report, indent=2, default=str))
-    if "best_trial" in report:
-        print(f"best config: {folder.file('best.yaml')}  (hil train --config that file)")
-    print(f"run folder: {folder}")
+    _print_report(report, folder)
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """``--report STUDY``: the report of a (shared) study, nothing trained."""
+    from hil import tune
+
+    if args.resume:
+        folder = RunFolder(Path(args.resume))
+        storage = args.storage or f"sqlite:///{folder.file('study.db').resolve()}"
+    elif args.storage:
+        folder = RunFolder.create("tune-report", args.runs_dir, args.name or args.report)
+        storage = args.storage
+    else:
+        raise ConfigError("--report", "needs --storage URL (or --resume RUN_FOLDER) holding the study",
+                          "command line")
+    print(f"run folder: {folder}\nstudy: {args.report} in {tune.redact(storage)}", file=sys.stderr)
+    given = args.config or args.preset or args.overrides or args.task or args.model
+    base = resolve_config(args, default_preset="digits") if given else None
+    report = tune.report_study(storage, args.report, folder.path, base=base)
+    folder.write_json("tune_summary.json", report)
+    _print_report(report, folder)
+    return 0
+
+
+def _print_report(report: dict[str, Any], folder: RunFolder) -> None:
+    c = report["trials"]
+    print(f"trials: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed")
+    if "best_trial" in report:
+        print(f"best trial {report['best_trial']}: objective {report['best_value']:.4f}")
+        for k, v in report["best_params"].items():
+            print(f"  {k} = {v:.6g}" if isinstance(v, float) else f"  {k} = {v}")
+        print(f"best config: {folder.file('best.yaml')}  (hil train --config that file)")
+    print(f"report: {folder.file('tune_summary.json')}")
+    print(f"run folder: {folder}")

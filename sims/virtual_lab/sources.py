@@ -3,7 +3,9 @@
 ``Smb100aModel`` / ``N5183bModel`` answer the SOURce/OUTPut commands the drivers send (see
 ``drivers.rf_source``), with the instrument-side level ceiling (SMB100A
 ``SOUR:POW:LIM:AMPL``; N5183B ``SOUR:POW:USER:MAX`` + ``:ENAB``): a level above it is refused
-with -221 "Settings conflict". Each unit has a small level error (drawn, flat in frequency plus
+with -221 "Settings conflict". A level or frequency query takes ``MIN``/``MAX`` (SCPI-99 7.2.1.1)
+and answers the unit's own range; the N5183B answers ``*OPT?`` with its frequency option (513,
+520, 532 or 540 from ``freq_range_hz``). Each unit has a small level error (drawn, flat in frequency plus
 a slope) and a tiny level noise. Settling: a frequency, level or output change completes a few
 ms later, which ``*OPC?`` waits for in lab time.
 
@@ -60,8 +62,22 @@ class RfSourceModel(ScpiModel):
     def ceiling_dbm(self) -> float:
         raise NotImplementedError
 
+    @staticmethod
+    def _min_max(args: str, lo: float, hi: float, fmt: str) -> str | None:
+        """The answer to ``<query>? MIN|MAX``, None for a plain query."""
+        word = args.strip().upper()
+        if not word:
+            return None
+        if word in ("MIN", "MINIMUM"):
+            return fmt.format(lo)
+        if word in ("MAX", "MAXIMUM"):
+            return fmt.format(hi)
+        raise ScpiError(-224, "Illegal parameter value")
+
     def _freq(self, args: str, query: bool, groups: tuple[str, ...]) -> str | None:
         lo, hi = self.spec["freq_range_hz"]
+        if query and args:
+            return self._min_max(args, lo, hi, "{:.3f}")
 
         def put(text: str) -> None:
             self.freq_hz = self.number_in(text, lo, hi)
@@ -70,6 +86,8 @@ class RfSourceModel(ScpiModel):
 
     def _power(self, args: str, query: bool, groups: tuple[str, ...]) -> str | None:
         lo, hi = self.spec["power_range_dbm"]
+        if query and args:
+            return self._min_max(args, lo, hi, "{:.2f}")
 
         def put(text: str) -> None:
             value = self.number_in(text, lo, hi)
@@ -128,13 +146,21 @@ class N5183bModel(RfSourceModel):
         super().__init__(world, name, spec)
         self.route("[SOURce]:POWer:USER:MAX", self._user_max)
         self.route("[SOURce]:POWer:USER:ENABle", self._user_enable)
+        self.route("*OPT", lambda a, q, g: self._options() if q else self._no_set())
+
+    def _options(self) -> str:
+        top_hz = self.spec["freq_range_hz"][1]
+        option = next((opt for opt, hz in (("513", 13e9), ("520", 20e9), ("532", 31.8e9),
+                                           ("540", 40e9)) if top_hz <= hz), "540")
+        return f"1E1,1EA,{option},UNT"
 
     def ceiling_dbm(self) -> float:
         return self.user_max_dbm if self.user_max_enabled else self.spec["power_range_dbm"][1]
 
     def _user_max(self, args: str, query: bool, groups: tuple[str, ...]) -> str | None:
         def put(text: str) -> None:
-            self.user_max_dbm = self.number_in(text, -130.0, 30.0)
+            # the user maximum is a level, so within the unit's own level range
+            self.user_max_dbm = self.number_in(text, *self.spec["power_range_dbm"])
         return self.setting(args, query, lambda: f"{self.user_max_dbm:.2f}", put)
 
     def _user_enable(self, args: str, query: bool, groups: tuple[str, ...]) -> str | None:

@@ -56,6 +56,7 @@ STAGES: dict[str, StageSpec] = {
     "LTA-HS": StageSpec("mm", (0.0, 50.0), 5.0, 20.0),
     "LTA-HL": StageSpec("mm", (0.0, 25.0), 5.0, 20.0),
     "URS100BCC": StageSpec("deg", (-360.0, 360.0), 20.0, 80.0),
+    "TRA25CC": StageSpec("mm", (0.0, 25.0), 0.4, 1.6),  # not in the SMC100 driver's table
     "Z825B": StageSpec("mm", (0.0, 25.0), 2.6, 4.0, 34554.96, 772981.3692, 263.8443072),
     "Z812B": StageSpec("mm", (0.0, 12.0), 2.6, 4.0, 34554.96, 772981.3692, 263.8443072),
     "PRM1Z8": StageSpec("deg", (-360.0, 360.0), 25.0, 25.0, 1919.6418578623391, 42941.66,

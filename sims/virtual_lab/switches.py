@@ -1,8 +1,12 @@
 """Mini-Circuits RC-1SP4T-A18 four-way RF switch (ASCII over a raw socket, thesis 4.4).
 
-``:MN?``, ``:SN?``, ``:SP4T:STATE:<n>`` (0 = every port disconnected; answers "1" on
-success, "0" on failure) and ``:SP4T:STATE?``. The switch is electromechanical: a change
-takes ``switching_s`` before its status comes back.
+Commands as the Mini-Circuits programming manual for its RC- switch boxes gives them (see
+``drivers.rf_switch``): ``:MN?``, ``:SN?``, ``:SP4TA:STATE:<n>`` (0 = every port
+disconnected; answers "1" on success, "0" on failure), ``:SP4TA:STATE?``, and the mask forms
+``SETP=<mask>`` (bit n-1 = port n, at most one bit; answers "1"/"0") and ``SWPORT?``. The
+leading colon is optional and case does not matter; a command the box does not know answers
+"0". The switch is electromechanical: a change takes ``switching_s`` before its status comes
+back.
 
 Transmission (thesis Fig. 4.5c): the connected port loses ``insertion_loss_db`` plus a slope
 per GHz plus a small standing-wave ripple, each port with its own drawn offset and ripple
@@ -22,7 +26,8 @@ from sims.virtual_lab.scpi import TextModel
 if TYPE_CHECKING:
     from sims.virtual_lab.world import World
 
-_STATE = re.compile(r"^:?SP4T:STATE:(\d+)$", re.IGNORECASE)
+_STATE = re.compile(r"^:?SP4TA:STATE:(\d+)$")
+_SETP = re.compile(r"^:?SETP=(\d+)$")
 
 
 class Rc1sp4tModel(TextModel):
@@ -39,23 +44,33 @@ class Rc1sp4tModel(TextModel):
         self._ratio_cache: tuple[Any, np.ndarray] | None = None
 
     def handle(self, command: str) -> str | None:
-        upper = command.strip().upper()
-        if upper == ":MN?":
+        upper = command.strip().upper().removeprefix(":")
+        if upper == "MN?":
             return "MN=RC-1SP4T-A18"
-        if upper == ":SN?":
+        if upper == "SN?":
             return f"SN={self.spec['serial']}"
-        if upper == ":SP4T:STATE?":
+        if upper == "SP4TA:STATE?":
             return str(self.state)
+        if upper == "SWPORT?":
+            return str(0 if self.state == 0 else 1 << (self.state - 1))
         match = _STATE.match(upper)
         if match is not None:
-            port = int(match.group(1))
-            if port not in (0, *self.PORTS):
-                return "0"
-            if port != self.state:
-                self.clock.advance(self.spec["switching_s"], f"{self.name}: switching")
-            self.state = port
-            return "1"
+            return self._connect(int(match.group(1)))
+        match = _SETP.match(upper)
+        if match is not None:
+            mask = int(match.group(1))
+            if mask & (mask - 1) or mask >= 1 << len(self.PORTS):
+                return "0"  # more than one port of one SP4T, or no such port
+            return self._connect(mask.bit_length())
         return "0"
+
+    def _connect(self, port: int) -> str:
+        if port not in (0, *self.PORTS):
+            return "0"
+        if port != self.state:
+            self.clock.advance(self.spec["switching_s"], f"{self.name}: switching")
+        self.state = port
+        return "1"
 
     def loss_db(self, port: int, freq_hz: np.ndarray) -> np.ndarray:
         """Insertion loss of ``port`` when connected (dB, frequency dependent)."""

@@ -1,0 +1,133 @@
+"""The Python API: what the ``hil`` commands do, callable from a notebook or a script.
+
+``import hil`` exposes these functions (``hil.load_config``, ``hil.train``, ``hil.upload``,
+``hil.tune``, ``hil.open_lab``). Jobs write the same run folders as the commands and return a
+:class:`Run` (the folder and its summary); nothing is printed but progress bars (``tqdm.auto``:
+notebook widgets in Jupyter) and nothing changes matplotlib's backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hil.errors import HilError
+from hil.runs import RunFolder
+
+if TYPE_CHECKING:
+    from hil.config import RunConfig
+    from hil.lab import Lab
+
+__all__ = ["Run", "load_config", "open_lab", "train", "tune", "upload"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished job: its run folder and the summary it wrote there."""
+
+    folder: Path
+    summary: dict[str, Any]
+
+
+def load_config(path: str | Path | None = None, *, preset: str | None = None,
+                overrides: Iterable[str] = (), seeds: str | Sequence[int] | None = None) -> RunConfig:
+    """A validated run config: ``preset``, then the YAML file at ``path``, then ``overrides``
+    (``"model.S=0.8"``, as ``--set``), then ``seeds`` (``"0-9"`` or a list)."""
+    from hil.config import load_config as _load
+    from hil.config import parse_seeds
+
+    cfg = _load(path, preset=preset, overrides=list(overrides))
+    if seeds is not None:
+        cfg.seeds = parse_seeds(seeds if isinstance(seeds, str) else list(seeds), "seeds")
+    return cfg
+
+
+def _config(config: RunConfig | str | Path) -> RunConfig:
+    from hil.config import RunConfig
+
+    return config if isinstance(config, RunConfig) else load_config(config)
+
+
+def _folder(kind: str, runs_dir: str | Path | None, name: str | None, log: Iterable[str]) -> RunFolder:
+    from hil.viewers import make_sinks
+
+    folder = RunFolder.create(kind, runs_dir, name)
+    folder.sinks.extend(make_sinks(log, folder))
+    return folder
+
+
+def train(config: RunConfig | str | Path, *, runs_dir: str | Path | None = None, name: str | None = None,
+          progress: bool = True, log: Iterable[str] = ()) -> Run:
+    """Train every seed of ``config`` (a config or a YAML file) off-chip, as ``hil train``.
+
+    ``log=["tensorboard"]`` also writes TensorBoard event files (``<run folder>/tensorboard``).
+    """
+    from hil.experiment import train_run
+
+    cfg = _config(config)
+    folder = _folder("train", runs_dir, name or cfg.task.name, log)
+    try:
+        summary = train_run(cfg, folder, progress=progress)
+    finally:
+        folder.close_sinks()
+    return Run(folder.path, summary)
+
+
+def upload(run_folder: str | Path, *, backend: str = "sim", device: Iterable[str] = (),
+           verify: bool = False, tol: float = 0.01, max_iters: int = 3, calibrated_twin: bool = False,
+           runs_dir: str | Path | None = None, name: str | None = None) -> Run:
+    """Upload a trained run to one chip per seed and report the model-to-chip gap, as ``hil upload``."""
+    from hil.study import upload_run
+
+    folder = RunFolder.create("upload", runs_dir, name or backend)
+    summary = upload_run(Path(run_folder), backend, folder, list(device), verify=verify, tol=tol,
+                         max_iters=max_iters, calibrated_twin=calibrated_twin)
+    return Run(folder.path, summary)
+
+
+def tune(config: RunConfig | str | Path, *, n_trials: int = 40, batch: int = 4, workers: int = 1,
+         storage: str | None = None, study_name: str = "hil", objective: str = "val",
+         space: Sequence[str] | None = None, seeds_per_trial: int = 1, prune_warmup: int = 5,
+         sampler_seed: int = 0, runs_dir: str | Path | None = None, name: str | None = None,
+         progress: bool = True) -> Run:
+    """Optuna search over the paper's hyperparameters, as ``hil tune``; the summary is the report
+    (trial counts, best trial, its parameters); ``best.yaml`` in the folder is its config.
+
+    ``storage``: a database URL or ``journal:PATH`` shared with other workers (default: SQLite
+    in the run folder); ``space``: ``"section.key=low:high[:log]"`` changes, as ``--space``.
+    """
+    from hil import tune as _tune
+
+    cfg = _config(config)
+    if objective == "val" and cfg.task.val_fraction == 0:
+        cfg.task.val_fraction = 0.2
+    dims = _tune.parse_space(list(space) if space else None)
+    if storage:
+        _tune.storage_url(storage)
+    folder = RunFolder.create("tune", runs_dir, name or cfg.task.name)
+    folder.write_config(cfg.to_dict())
+    folder.write_json("search_space.json", {k: repr(v) for k, v in dims.items()})
+    report = _tune.run_search(cfg, folder.path, storage=storage, study_name=study_name,
+                              n_trials=n_trials, batch=batch, workers=workers, objective=objective,
+                              space=dims, seeds_per_trial=seeds_per_trial, prune_warmup=prune_warmup,
+                              sampler_seed=sampler_seed, progress=progress, echo=lambda _: None)
+    folder.write_json("tune_summary.json", report)
+    return Run(folder.path, report)
+
+
+def open_lab(config: str | Path | Any, **kwargs: Any) -> Lab:
+    """Open the instruments of a lab config (``with hil.open_lab("lab.yaml") as lab: ...``);
+    see :func:`hil.lab.open_lab` for ``record_to``, ``replay``, ``roles`` and ``world``.
+    A missing optional driver package is named with the extra that installs it."""
+    from hil.extras import hint
+    from hil.lab import open_lab as _open
+
+    try:
+        return _open(config, **kwargs)
+    except HilError as exc:
+        h = hint(exc)
+        if h:
+            raise HilError(f"{exc} ({h})") from exc
+        raise
