@@ -47,17 +47,23 @@ def _wait_for_rf_on(runs: Path, proc: subprocess.Popen, timeout_s: float = 60.0)
     raise AssertionError("the sweep never switched the RF on")
 
 
-def test_sigterm_mid_sweep_switches_rf_off_and_closes_everything(tmp_path):
+def _signal_mid_sweep(tmp_path: Path, sig: signal.Signals) -> tuple[int, str, Path]:
+    """Start the sweep, send ``sig`` once RF is on; (exit code, stderr, instrument log)."""
     runs = tmp_path / "runs"
     proc = _start_sweep(runs)
     try:
         log = _wait_for_rf_on(runs, proc)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    return proc.returncode, err, log
+
+
+def test_sigterm_mid_sweep_switches_rf_off_and_closes_everything(tmp_path):
+    rc, err, log = _signal_mid_sweep(tmp_path, signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM, err
     assert "SIGTERM; instruments made safe" in err
     entries = _entries(log)
     opened = {e["instrument"] for e in entries}
@@ -75,16 +81,8 @@ def test_sigterm_mid_sweep_switches_rf_off_and_closes_everything(tmp_path):
 
 
 def test_sighup_takes_the_same_path(tmp_path):
-    runs = tmp_path / "runs"
-    proc = _start_sweep(runs)
-    try:
-        log = _wait_for_rf_on(runs, proc)
-        proc.send_signal(signal.SIGHUP)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGHUP, err
+    rc, err, log = _signal_mid_sweep(tmp_path, signal.SIGHUP)
+    assert rc == 128 + signal.SIGHUP, err
     smb = [e for e in _entries(log) if e["instrument"] == "smb"]
     assert smb[-1]["op"] == "close"
     assert [e["command"] for e in smb if e["op"] == "write"][-1] == "OUTP OFF"
