@@ -637,6 +637,22 @@ template <class T> HIL_INLINE V<T> vsqrt(V<T> x) {
   for (int r = 0; r < RW<T>; ++r) x[r] = std::sqrt(x[r]);
   return x;
 }
+#if defined(__AVX512F__)  // one instruction, the same correctly rounded result
+template <> HIL_INLINE V<float> vsqrt<float>(V<float> x) {
+  __m512 v;
+  std::memcpy(&v, &x, sizeof(v));
+  v = _mm512_sqrt_ps(v);
+  std::memcpy(&x, &v, sizeof(v));
+  return x;
+}
+template <> HIL_INLINE V<double> vsqrt<double>(V<double> x) {
+  __m512d v;
+  std::memcpy(&v, &x, sizeof(v));
+  v = _mm512_sqrt_pd(v);
+  std::memcpy(&x, &v, sizeof(v));
+  return x;
+}
+#endif
 // one sub-step at held drive D; with G, also dx'/dx (dx) and dx'/dD (dD).
 // SPIN: dx/dt = th + r x - c x^2, r = D - g, c = D + g Q, th the thermal floor: the logistic
 // step of y = x - b around a root b of the right-hand side (sims.neurons.held_drive_step).

@@ -23,12 +23,18 @@ def test_train_writes_a_complete_run_folder(runs_dir, capsys):
     assert {"median", "mean", "std", "q25", "q75"} <= set(summary["test"])
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # one epoch x two seeds
+    # issue 16: every run reports its weights under a converged solution of the same ODE
+    conv = summary["convergence"]
+    assert conv["reference"]["converged"] and conv["reference"]["substeps"] >= 4
+    assert len(conv["gap_points"]) == 2 and conv["test_reference"]["n"] == 2
+    assert "under a converged solution of the same ODE" in out
     # analysis and design rules on the trained run
     assert main(["analyse", str(folder)]) == 0
     assert (folder / "connectivity_seed0.png").is_file()
     assert (folder / "pca_layer1_seed0.png").is_file()
     assert main(["design", "--run", str(folder)]) == 0
-    assert "cumulative_drive" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cumulative_drive" in out and '"max_abs_state_error"' in out
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from hil.tasks import (
     SequentialDigits,
     SineSquare,
     flipflop_batch,
+    make_task,
     sine_square_sequence,
 )
 
@@ -91,3 +92,17 @@ def test_flipflop_validation_is_held_out_of_the_training_draws():
     assert torch.equal(held.splits["test"].x, full.splits["test"].x)
     with pytest.raises(ConfigError, match="task.val_fraction"):
         FlipFlop(TaskConfig(name="flipflop", n_train=1, n_test=10, val_fraction=0.5))
+
+
+def test_sine_square_validation_series_is_a_third_draw():
+    """task.val_fraction > 0 adds a validation series of the same length (seed 999), distinct
+    from the training and test series, which stay as they were."""
+    plain = make_task(TaskConfig(name="sine_square"))
+    with_val = make_task(TaskConfig(name="sine_square", val_fraction=0.5))
+    assert "val" not in plain.splits and "val" in with_val.splits
+    for name in ("train", "test"):
+        assert torch.equal(plain.splits[name].x, with_val.splits[name].x)
+    val = with_val.splits["val"]
+    assert val.x.shape == with_val.splits["test"].x.shape
+    assert not torch.equal(val.x, with_val.splits["test"].x)
+    assert not torch.equal(val.x, with_val.splits["train"].x)
