@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from hil.plots import plt
+from hil.runs import save_figure as _save_figure
 
 
 def eigenvalues(w: np.ndarray) -> np.ndarray:
@@ -52,7 +53,7 @@ def connectivity_plot(layers: list[dict[str, Any]], path: Path) -> Path:
         ax.set_title(f"layer {li} eigenvalues of W_int")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -79,7 +80,7 @@ def pca_plot(traj: np.ndarray, colour: np.ndarray | None, path: Path, title: str
     ax2.set_ylabel("explained variance ratio")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -145,6 +146,6 @@ def error_budget_plot(budget: dict[str, Any], path: Path, title: str = "") -> Pa
     ax.set_title(title or f"where the misses are (|output - target| > {budget['tolerance']})")
     ax.set_xlim(0, max(contrib) * 1.9 + 0.1)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hil.errors import HilError
-from hil.runs import RunFolder
+from hil.runs import RunFolder, tracked
 
 if TYPE_CHECKING:
     from hil.config import RunConfig
@@ -36,12 +36,9 @@ def load_config(path: str | Path | None = None, *, preset: str | None = None,
     """A validated run config: ``preset``, then the YAML file at ``path``, then ``overrides``
     (``"model.S=0.8"``, as ``--set``), then ``seeds`` (``"0-9"`` or a list)."""
     from hil.config import load_config as _load
-    from hil.config import parse_seeds
 
-    cfg = _load(path, preset=preset, overrides=list(overrides))
-    if seeds is not None:
-        cfg.seeds = parse_seeds(seeds if isinstance(seeds, str) else list(seeds), "seeds")
-    return cfg
+    return _load(path, preset=preset, overrides=list(overrides),
+                 seeds=None if seeds is None else (seeds if isinstance(seeds, str) else list(seeds)))
 
 
 def _config(config: RunConfig | str | Path) -> RunConfig:
@@ -69,7 +66,8 @@ def train(config: RunConfig | str | Path, *, runs_dir: str | Path | None = None,
     cfg = _config(config)
     folder = _folder("train", runs_dir, name or cfg.task.name, log)
     try:
-        summary = train_run(cfg, folder, progress=progress)
+        with tracked([folder]):
+            summary = train_run(cfg, folder, progress=progress)
     finally:
         folder.close_sinks()
     return Run(folder.path, summary)
@@ -82,8 +80,9 @@ def upload(run_folder: str | Path, *, backend: str = "sim", device: Iterable[str
     from hil.study import upload_run
 
     folder = RunFolder.create("upload", runs_dir, name or backend)
-    summary = upload_run(Path(run_folder), backend, folder, list(device), verify=verify, tol=tol,
-                         max_iters=max_iters, calibrated_twin=calibrated_twin)
+    with tracked([folder]):
+        summary = upload_run(Path(run_folder), backend, folder, list(device), verify=verify, tol=tol,
+                             max_iters=max_iters, calibrated_twin=calibrated_twin)
     return Run(folder.path, summary)
 
 
@@ -107,13 +106,14 @@ def tune(config: RunConfig | str | Path, *, n_trials: int = 40, batch: int = 4, 
     if storage:
         _tune.storage_url(storage)
     folder = RunFolder.create("tune", runs_dir, name or cfg.task.name)
-    folder.write_config(cfg.to_dict())
-    folder.write_json("search_space.json", {k: repr(v) for k, v in dims.items()})
-    report = _tune.run_search(cfg, folder.path, storage=storage, study_name=study_name,
-                              n_trials=n_trials, batch=batch, workers=workers, objective=objective,
-                              space=dims, seeds_per_trial=seeds_per_trial, prune_warmup=prune_warmup,
-                              sampler_seed=sampler_seed, progress=progress, echo=lambda _: None)
-    folder.write_json("tune_summary.json", report)
+    with tracked([folder]):
+        folder.write_config(cfg.to_dict())
+        folder.write_json("search_space.json", {k: repr(v) for k, v in dims.items()})
+        report = _tune.run_search(cfg, folder.path, storage=storage, study_name=study_name,
+                                  n_trials=n_trials, batch=batch, workers=workers, objective=objective,
+                                  space=dims, seeds_per_trial=seeds_per_trial, prune_warmup=prune_warmup,
+                                  sampler_seed=sampler_seed, progress=progress, echo=lambda _: None)
+        folder.write_json("tune_summary.json", report)
     return Run(folder.path, report)
 
 

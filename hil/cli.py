@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "hil.commands.study",
     "hil.commands.calibrate",
     "hil.commands.conv",
+    "hil.commands.runs",
     "hil.lab",
 )
 
@@ -127,6 +128,7 @@ def _result(args: argparse.Namespace, rc: int, folders: list[Any]) -> dict[str, 
     out: dict[str, Any] = {"command": args.command, "exit_code": rc}
     if getattr(args, "error", None):
         out["error"] = args.error
+    folders = [f for f in folders if f.path.is_dir()]  # a folder of a refused run is removed
     if folders:
         out["run_folder"] = str(folders[0].path)
         for name in ("summary.json", "tune_summary.json"):
@@ -138,34 +140,59 @@ def _result(args: argparse.Namespace, rc: int, folders: list[Any]) -> dict[str, 
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    """Run the command; errors the user can act on become one line on stderr."""
-    from hil.extras import hint
+    """Run the command; errors the user can act on become one line on stderr (exit code 2).
 
+    Every run folder the command opens records its status (``status.json``: running, then
+    complete, failed or interrupted, with the reason); a folder made for a run that was refused
+    before its work started is removed."""
+    from hil.runs import finish, redact_secrets, tracked
+
+    folders: list[Any] = []
     try:
-        from hil.viewers import check_viewers
-
-        check_viewers(args.log or [])
-        return int(args.func(args) or 0)
+        with tracked(folders):
+            rc = _call(args)
+            if rc:
+                finish(folders, "failed", getattr(args, "failure", None) or f"exit code {rc}")
+            return rc
     except HilError as exc:
-        message = str(exc)
-        extra = hint(exc)
-        if extra and "pip install" not in message:
-            message += f" ({extra})"
-        args.error = message
-        print(f"hil {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _fail(args, redact_secrets(str(exc)), exc)
     except ImportError as exc:  # an optional package: name the extra; anything else is a bug
+        from hil.extras import hint
+
         extra = hint(exc)
         if extra is None:
             raise
-        args.error = extra
-        print(f"hil {args.command}: error: {extra}", file=sys.stderr)
-        return 2
+        return _fail(args, extra, None)
     except KeyboardInterrupt as exc:
         how = signal.Signals(exc.signum).name if isinstance(exc, Terminated) else "interrupted"
         print(f"hil {args.command}: {how}; instruments made safe; partial results are in the "
               "run folder.", file=sys.stderr)
         return 128 + exc.signum if isinstance(exc, Terminated) else 130
+
+
+def _call(args: argparse.Namespace) -> int:
+    """The command itself; an instrument's refusal (a driver ``LimitError``: a value outside its
+    safety limits, refused before anything was sent) becomes a :class:`HilError`, since the
+    drivers do not import hil."""
+    from drivers.base import LimitError, OptionError
+    from hil.viewers import check_viewers
+
+    check_viewers(args.log or [])
+    try:
+        return int(args.func(args) or 0)
+    except (LimitError, OptionError) as exc:
+        raise HilError(f"instrument refused: {exc}") from exc
+
+
+def _fail(args: argparse.Namespace, message: str, exc: BaseException | None) -> int:
+    from hil.extras import hint
+
+    extra = hint(exc) if exc is not None else None
+    if extra and "pip install" not in message:
+        message += f" ({extra})"
+    args.error = message
+    print(f"hil {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

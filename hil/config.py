@@ -25,6 +25,8 @@ EXPHEUN_KINDS = ("spintronic", "ctrnn")
 TASKS = ("digits", "sine_square", "flipflop")
 ENGINES = ("fast", "reference")
 BPTT_MODES = ("full", "truncated", "shifted", "exact")
+FLIPFLOP_PULSE_WIDTH = 3  # as hil.tasks.FlipFlop.width
+MAX_SEEDS = 10_000  # seeds in one run (they train together as a batch dimension)
 
 
 @dataclass
@@ -235,6 +237,11 @@ def validate(cfg: RunConfig, source: str | None = None) -> RunConfig:
     _unit(t.pulse_prob, "task.pulse_prob", source, low_open=True)
     _req(t.input_noise >= 0, "task.input_noise", f"must be >= 0, got {t.input_noise}", source)
     _req(t.delay >= 0, "task.delay", f"must be >= 0, got {t.delay}", source)
+    if t.name == "flipflop":  # a pulse and its delayed switch must fit in the sequence
+        _req(t.delay + FLIPFLOP_PULSE_WIDTH < t.seq_len, "task.delay",
+             f"must be < task.seq_len - {FLIPFLOP_PULSE_WIDTH} (the pulse width) = "
+             f"{t.seq_len - FLIPFLOP_PULSE_WIDTH}, got {t.delay}: no output could ever switch, "
+             "and a network that outputs 0 would score 100 %", source)
 
     hw = cfg.hardware
     if hw.weight_bits is not None:
@@ -330,7 +337,7 @@ def parse_seeds(spec: Any, source: str | None = None) -> list[int]:
             out += parse_seeds(s, source)
         return out
     if isinstance(spec, str):
-        out = []
+        out: list[int] = []
         try:
             for part in spec.split(","):
                 part = part.strip()
@@ -339,12 +346,19 @@ def parse_seeds(spec: Any, source: str | None = None) -> list[int]:
                     lo, hi = int(a), int(b)
                     if hi < lo:
                         raise ValueError
+                    if len(out) + hi - lo + 1 > MAX_SEEDS:  # refused before the list is built
+                        raise ConfigError("seeds", f"{spec!r} asks for {len(out) + hi - lo + 1} seeds; "
+                                          f"at most {MAX_SEEDS} train in one run", source)
                     out += list(range(lo, hi + 1))
                 elif part:
                     out.append(int(part))
+        except ConfigError:
+            raise
         except ValueError:
             raise ConfigError("seeds", f"cannot read {spec!r}; use 0-9 or 0,1,2", source) from None
-        if out and min(out) < 0:
+        if not out:
+            raise ConfigError("seeds", f"{spec!r} names no seed; use 0-9 or 0,1,2", source)
+        if min(out) < 0:
             raise ConfigError("seeds", "seeds must be >= 0", source)
         return out
     raise ConfigError("seeds", f"cannot read {spec!r}; use 0-9 or 0,1,2", source)
@@ -377,7 +391,13 @@ def apply_overrides(cfg: RunConfig, overrides: list[str], source: str = "command
                               source)
         key, raw = item.split("=", 1)
         section, name = key.split(".", 1)
-        update(cfg, {section: {name: yaml.safe_load(raw)}}, source)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            why = str(getattr(exc, "problem", None) or "not a YAML value")
+            raise ConfigError(key, f"cannot read the value {raw!r} ({why}); give a number, a "
+                              "string, true/false, null or a [list]", source) from None
+        update(cfg, {section: {name: value}}, source)
     return cfg
 
 
@@ -395,8 +415,9 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, preset: str | None = None,
-                overrides: list[str] | None = None) -> RunConfig:
-    """Preset, then file, then overrides; validated."""
+                overrides: list[str] | None = None, seeds: Any = None) -> RunConfig:
+    """Preset, then file, then overrides, then ``seeds`` (``--seeds``: "0-9", "0,3,5", a list);
+    validated, and refused up front if it cannot fit in memory."""
     cfg = RunConfig()
     file_data: dict[str, Any] = {}
     if path is not None:
@@ -404,9 +425,20 @@ def load_config(path: str | Path | None = None, preset: str | None = None,
         if not p.is_file():
             raise ConfigError("config", f"file not found: {p}", str(p))
         try:
-            file_data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError("config", "not a text file (a YAML config is UTF-8 text with "
+                              "sections model, task, train, hardware, seeds)", str(p)) from None
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read the file: {exc.strerror or exc}", str(p)) from None
+        if "\x00" in text:
+            raise ConfigError("config", "not a text file (it holds NUL bytes); a YAML config is "
+                              "UTF-8 text", str(p))
+        try:
+            file_data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError("config", f"not valid YAML: {exc}", str(p)) from None
+            first = " ".join(str(exc).split())
+            raise ConfigError("config", f"not valid YAML: {first[:200]}", str(p)) from None
         if not isinstance(file_data, dict):
             raise ConfigError("<top>", "a config file must be a mapping of sections", str(p))
     name = preset or file_data.get("preset")
@@ -417,4 +449,83 @@ def load_config(path: str | Path | None = None, preset: str | None = None,
         update(cfg, file_data, str(path))
     if overrides:
         apply_overrides(cfg, overrides)
-    return validate(cfg, source=str(path) if path else None)
+    if seeds is not None:
+        cfg.seeds = parse_seeds(seeds, "--seeds")
+        _req(len(set(cfg.seeds)) == len(cfg.seeds), "seeds",
+             f"seeds repeat: {seeds!r}; each seed may appear once (it would be counted twice)", "--seeds")
+    validate(cfg, source=str(path) if path else None)
+    check_memory(cfg, source="--seeds" if seeds is not None else None)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- memory
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new job (Linux ``MemAvailable``; else physical memory)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _task_shape(t: TaskConfig, tr: TrainConfig) -> tuple[int, int, int, int]:
+    """(input channels, points per sequence, sequences per training pass, per evaluation)."""
+    if t.name == "flipflop":
+        return t.n_bits, t.seq_len, min(tr.batch_size, t.n_train), t.n_test
+    if t.name == "sine_square":
+        T = t.n_periods * t.points_per_period
+        window = T if tr.bptt == "full" else min(T, t.window)
+        return 1, window, (tr.batch_size if tr.bptt == "exact" else 1), 1
+    return 1, 64, min(tr.batch_size, 899), 899  # sequential digits: 8 x 8 pixels, 1797 images
+
+
+def estimate_memory(cfg: RunConfig, n_parallel: int | None = None) -> dict[str, int]:
+    """Rough bytes a training run of ``cfg`` needs (float32): ``parameters`` (weights, masks,
+    gradients, Adam moments, rollback copies) and ``state`` (the trajectories kept for the
+    backward pass, or an evaluation's), for ``n_parallel`` networks trained together (default:
+    one per seed). A lower estimate: it is meant to refuse sizes that cannot fit at all."""
+    m, t, tr = cfg.model, cfg.task, cfg.train
+    K = n_parallel or len(cfg.seeds)
+    N, M = m.n_hidden, m.n_layers * m.n_hidden
+    n_in, T, b_train, b_eval = _task_shape(t, tr)
+    n_out = 10 if t.name == "digits" else (t.n_bits if t.name == "flipflop" else 1)
+    params = N * n_in + 2 * M * M + M + n_out * N + n_out  # W_rec and its mask are M x M
+    param_bytes = 4 * K * params * 6
+    train_state = b_train * T * M * m.substeps * 3
+    eval_state = b_eval * T * M * 2
+    state_bytes = 4 * K * max(train_state, eval_state)
+    return {"parameters": param_bytes, "state": state_bytes, "total": param_bytes + state_bytes}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} PB"  # pragma: no cover
+
+
+def check_memory(cfg: RunConfig, n_parallel: int | None = None, source: str | None = None) -> dict[str, int]:
+    """Refuse up front, with the estimate, a size that cannot fit in this machine's memory
+    (naming the key to lower), instead of failing to allocate terabytes mid-run."""
+    est = estimate_memory(cfg, n_parallel)
+    avail = available_memory()
+    if avail is not None and est["total"] > avail:
+        m = cfg.model
+        K = n_parallel or len(cfg.seeds)
+        key = "model.n_hidden" if est["parameters"] >= est["state"] else "train.batch_size"
+        raise ConfigError(key, f"{m.n_layers} layer(s) x {m.n_hidden} neurons x {K} network(s) trained "
+                          f"together need about {_size(est['total'])} of memory (parameters "
+                          f"{_size(est['parameters'])}, trajectories {_size(est['state'])}); this "
+                          f"machine has {_size(avail)} available; lower model.n_hidden, "
+                          "model.n_layers, train.batch_size or the number of seeds", source)
+    return est

@@ -208,20 +208,29 @@ def _plain(obj: Any) -> Any:
 
 def save_model(path: str | Path, model: ConvNet, meta: dict[str, Any] | None = None) -> Path:
     """Save the weights with the shape of the network, so :func:`load_model` can rebuild it."""
+    from hil.runs import atomic_path
+
     path = Path(path)
-    torch.save({"format": "hil-convnet-1", "image_size": model.image_size, "n_kernels": model.n_kernels,
-                "n_classes": model.n_classes, "state_dict": model.state_dict(), "meta": _plain(meta or {})},
-               path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": "hil-convnet-1", "image_size": model.image_size, "n_kernels": model.n_kernels,
+                    "n_classes": model.n_classes, "state_dict": model.state_dict(),
+                    "meta": _plain(meta or {})}, tmp)
     return path
 
 
 def load_model(path: str | Path) -> tuple[ConvNet, dict[str, Any]]:
     """The network saved by :func:`save_model` and its ``meta``."""
-    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != "hil-convnet-1":
-        raise ValueError(f"{path}: not a model file written by hil.conv.save_model")
-    model = ConvNet(blob["image_size"], blob["n_kernels"], blob["n_classes"])
-    model.load_state_dict(blob["state_dict"])
+    from hil.errors import HilError
+    from hil.runs import load_checkpoint
+
+    blob = load_checkpoint(path)  # weights_only=True; a corrupt file is a HilError naming it
+    if blob.get("format") != "hil-convnet-1":
+        raise HilError(f"{path}: not a model file written by hil.conv.save_model")
+    try:
+        model = ConvNet(blob["image_size"], blob["n_kernels"], blob["n_classes"])
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise HilError(f"{path}: the weights do not fit a hil.conv network ({exc!s:.200})") from None
     return model, blob["meta"]
 
 

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from hil.runs import atomic_write as _atomic_write
+from hil.runs import save_figure as _save_figure
+
 _PANEL = "abcdefghijklmnopqrstuvwxyz"
 _REFERENCE_PLAN = "Algorithm 3 as written"
 
@@ -31,7 +34,7 @@ def _pyplot() -> Any:
 def _save(fig: Any, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    _save_figure(fig, path, dpi=dpi, bbox_inches="tight")
     _pyplot().close(fig)
     return path
 
@@ -401,5 +404,5 @@ def write_report_markdown(
             lines.append(str(body).rstrip("\n"))
         lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
+    _atomic_write(path, "\n".join(lines))
     return path

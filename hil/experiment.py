@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -9,16 +10,42 @@ import torch
 
 from hil import convergence, design_rules, plots
 from hil.config import RunConfig
-from hil.runs import RunFolder
+from hil.runs import RunFolder, atomic_path
 from hil.tasks import make_task
 from hil.train import Trainer, TrainResult, summarize
 
 
+def checkpoint_data(net, cfg: RunConfig) -> dict[str, Any]:
+    """What ``model.pt`` holds: tensors and plain Python data only (dicts, lists, str, int,
+    float, bool, None), so that it loads with ``torch.load(weights_only=True)``."""
+    return {"config": plain(cfg.to_dict()), "seeds": [int(s) for s in net.seeds],
+            "n_in": int(net.n_in), "n_out": int(net.n_out),
+            "input_centre": float(net.input_centre),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` as plain Python data: numpy scalars and arrays, tuples and paths converted; any
+    other object is refused (it would need pickling to store)."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in a checkpoint (tensors and plain data only)")
+
+
 def save_checkpoint(result: TrainResult, cfg: RunConfig, path) -> None:
-    net = result.net
-    torch.save({"config": cfg.to_dict(), "seeds": net.seeds, "n_in": net.n_in,
-                "n_out": net.n_out, "input_centre": float(net.input_centre),
-                "state_dict": net.state_dict()}, path)
+    """Write ``model.pt`` atomically (a full disk leaves the previous file, never a truncated one)."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint_data(result.net, cfg), tmp)
 
 
 def train_run(cfg: RunConfig, folder: RunFolder, progress: bool = True) -> dict[str, Any]:

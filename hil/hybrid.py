@@ -32,6 +32,7 @@ import torch
 
 from hil.errors import ConfigError, HilError
 from hil.runs import RunFolder
+from hil.runs import save_figure as _save_figure
 
 PLANS = ("planned", "algorithm3")
 PLAN_TITLES = {"planned": "measurement plan", "algorithm3": "Algorithm 3 as written"}
@@ -149,7 +150,7 @@ def deploy(model: str | Path, cfg: DeployConfig, run: RunFolder, *, progress: bo
     )
     from calibration.mac import Convolver, Ledger, PlacedChain, ToneMap, ToneSource, fit_v_max, patches_2x2
     from calibration.position import generator_one_hot, optimise_z
-    from calibration.reference import ReferenceMap, rescaled_power
+    from calibration.reference import rescaled_power
     from calibration.source import SourceCalibration, calibrate_source, measure_settling
     from hil.conv import confusion_matrix, evaluate, load_model
     from hil.images import load_images
@@ -178,7 +179,9 @@ def deploy(model: str | Path, cfg: DeployConfig, run: RunFolder, *, progress: bo
 
     # 1. reference map, source calibration
     map_csv = Path(cfg.map_csv) if cfg.map_csv else _measure_map(cfg, lab_cfg, run, say)
-    m = ReferenceMap.load(map_csv)
+    from hil.commands.calibrate import load_reference_map
+
+    m = load_reference_map(map_csv)
     if not m.complete:
         raise HilError(f"{map_csv}: the reference map is incomplete")
     m.fit_kittel()
@@ -385,7 +388,7 @@ def _plot_positions(history: list[dict[str, Any]], every: int, path: Path, title
     b.set(ylabel="V_max (uV per unit weight)", xlabel="image")
     a.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

@@ -13,12 +13,19 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from hil.runs import RunFolder, add_folder_hook
+from hil.runs import RunFolder, add_folder_hook, redact_secrets
 
 #: the packages whose loggers the command line opens down to DEBUG
 PACKAGES = ("hil", "drivers", "calibration", "sims")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_NAME = "hil.log"
+
+
+class RedactingFormatter(logging.Formatter):
+    """A formatter that hides passwords of URLs (``postgresql://user:***@host/db``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_secrets(super().format(record))
 
 
 def console_level(verbose: int, log_level: str | None) -> int:
@@ -41,7 +48,7 @@ def cli_session(level: int = logging.WARNING, viewers: Sequence[str] = ()) -> It
     root = logging.getLogger()
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(level)
-    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    console.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
     added: list[logging.Handler] = [console]
     root.addHandler(console)
     saved = {name: logging.getLogger(name).level for name in PACKAGES}
@@ -53,7 +60,7 @@ def cli_session(level: int = logging.WARNING, viewers: Sequence[str] = ()) -> It
         folders.append(folder)
         handler = logging.FileHandler(folder.path / LOG_NAME, encoding="utf-8")
         handler.setLevel(logging.DEBUG)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
         added.append(handler)
         folder.sinks.extend(make_sinks(viewers, folder))

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from hil.runs import save_figure
+
 
 class _Figures:
     """The part of ``matplotlib.pyplot`` the plotting code uses, without pyplot's global state
@@ -66,7 +68,7 @@ def accuracy_curves(history: list[dict[str, Any]], metric: str, path: Path) -> P
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -86,6 +88,6 @@ def trajectories(xseq: np.ndarray, labels: np.ndarray, n_layers: int, n_hidden: 
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -233,7 +233,7 @@ class Trainer:
             x, y = data.x[idx], data.y[idx]
             loss, metric, _ = self._update(x, y, epoch)
             b = idx.shape[1]
-            losses += loss.nan_to_num(0.0) * b
+            losses += loss * b  # a diverged batch: NaN for the epoch (null in metrics.jsonl)
             metrics += metric * b
             counts += b
         return losses / counts, metrics / counts
@@ -266,7 +266,7 @@ class Trainer:
                         _, state = self.net(x[:, s : s + w], state)
                     continue
                 loss, metric, state = self._update(x[:, s : s + w], y[:, s : s + w], epoch, state)
-                losses += loss.nan_to_num(0.0)
+                losses += loss  # a diverged window: NaN for the epoch (null in metrics.jsonl)
                 metrics += metric
                 n += 1
             return losses / max(n, 1), metrics / max(n, 1)
@@ -278,7 +278,7 @@ class Trainer:
         start = self.net.initial_state(1)
         for s in range(0, n_win, k):
             loss, metric, _ = self._update(x[:, s : s + w], y[:, s : s + w], epoch, start)
-            losses += loss.nan_to_num(0.0)
+            losses += loss  # a diverged window: NaN for the epoch (null in metrics.jsonl)
             metrics += metric
             n += 1
             with torch.no_grad():
@@ -314,7 +314,7 @@ class Trainer:
             xb, yb = x[0][idx], y[0][idx]  # (K, b, w, n_in), (K, b, w)
             loss, metric, _ = self._update(xb, yb, epoch, State(sx, net.output_of(sx)))
             b = p.shape[1]
-            losses += loss.nan_to_num(0.0) * b
+            losses += loss * b  # a diverged batch: NaN for the epoch (null in metrics.jsonl)
             metrics += metric * b
             count += b
         return losses / count, metrics / count

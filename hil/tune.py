@@ -18,7 +18,6 @@ import math
 import multiprocessing as mp
 import os
 import random
-import re
 import socket
 import sys
 import time
@@ -35,6 +34,7 @@ from optuna.trial import TrialState
 from hil.config import RunConfig, update, validate
 from hil.errors import ConfigError, HilError
 from hil.extras import MissingExtra, available, require
+from hil.runs import atomic_path, atomic_write, save_figure
 from hil.tasks import make_task
 from hil.train import Trainer
 
@@ -115,15 +115,11 @@ JOURNAL_PREFIX = "journal:"
 
 
 def redact(storage: str) -> str:
-    """``storage`` with any password replaced by ``***``, safe to print or store."""
-    if storage.startswith(JOURNAL_PREFIX):
-        return storage
-    try:
-        from sqlalchemy.engine import make_url
+    """``storage`` with any password replaced by ``***``, safe to print or store
+    (:func:`hil.runs.redact_secrets`, the one helper for this)."""
+    from hil.runs import redact_secrets
 
-        return make_url(storage).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy reads: hide whatever sits between ':' and '@'
-        return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", storage)
+    return redact_secrets(storage)
 
 
 def storage_url(storage: str) -> str:
@@ -160,7 +156,28 @@ def storage_url(storage: str) -> str:
             require("psycopg", "a PostgreSQL study database")
         url = url.set(drivername=f"postgresql+{driver}")
         return url.render_as_string(hide_password=False)
+    _check_dialect(url, storage)
     return storage
+
+
+def _check_dialect(url: Any, storage: str) -> None:
+    """An unknown scheme (``foo://``) or a database driver that is not installed stops here,
+    before a run folder is made, in one line."""
+    from sqlalchemy.exc import NoSuchModuleError
+
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError("--storage", f"{redact(storage)!r}: unknown database scheme "
+                          f"{url.drivername!r}; use postgresql://user@host/db, sqlite:///path.db "
+                          "or journal:PATH", "command line") from None
+    try:
+        dbapi = getattr(dialect, "import_dbapi", None) or dialect.dbapi
+        if callable(dbapi):
+            dbapi()
+    except ImportError as exc:
+        raise ConfigError("--storage", f"{redact(storage)!r}: the database driver for "
+                          f"{url.drivername!r} is not installed ({exc})", "command line") from None
 
 
 def make_storage(storage: str) -> optuna.storages.BaseStorage:
@@ -198,6 +215,7 @@ def _unreachable(exc: BaseException) -> bool:
     if 'database "' in text and "does not exist" in text:
         return True
     return any(s in text for s in ("connection refused", "could not translate host",
+                                    "file is not a database", "disk image is malformed",
                                     "password authentication failed", "no password supplied",
                                     "name or service not known"))
 
@@ -426,8 +444,8 @@ def write_report(study: optuna.Study, base: RunConfig, folder: Path) -> dict[str
         cfg = best_config(study, base)
         d = cfg.to_dict()
         d["task"]["val_fraction"] = 0.0
-        (folder / "best.yaml").write_text(
-            f"# best trial {best.number} of study {study.study_name!r}: objective "
+        atomic_write(
+            folder / "best.yaml", f"# best trial {best.number} of study {study.study_name!r}: objective "
             f"{best.value:.4f}\n" + yaml.safe_dump(d, sort_keys=False))
         out.update({"best_trial": best.number, "best_value": best.value,
                     "best_params": best.params, "best_user_attrs": best.user_attrs})
@@ -441,7 +459,7 @@ def _write_trials_csv(study: optuna.Study, path: Path) -> None:
     trials = study.get_trials(deepcopy=False)
     params = sorted({k for t in trials for k in t.params})
     attrs = sorted({k for t in trials for k in t.user_attrs})
-    with open(path, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["number", "state", "value", "duration_s", *params, *attrs])
         for t in trials:
@@ -465,7 +483,7 @@ def _plots(study: optuna.Study, folder: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "optimization_history.png", dpi=120)
+    save_figure(fig, folder / "optimization_history.png", dpi=120)
     plt.close(fig)
     keys = sorted({k for t in trials for k in t.params})
     if keys:
@@ -477,5 +495,5 @@ def _plots(study: optuna.Study, folder: Path) -> None:
             if SEARCH_SPACE.get(k) is not None and SEARCH_SPACE[k].log:
                 ax.set_xscale("log")
         fig.tight_layout()
-        fig.savefig(folder / "slices.png", dpi=110)
+        save_figure(fig, folder / "slices.png", dpi=110)
         plt.close(fig)

@@ -63,11 +63,12 @@ def test_design_rules_warn_outside_the_rules(capsys):
 
 def test_train_reports_when_every_seed_failed(runs_dir, capsys):
     """A run whose every seed diverges still ends cleanly, with the failed seeds named (explicit
-    Euler at a huge drive: exponential Heun would not diverge, see test_convergence.py)."""
+    Euler at a huge drive: exponential Heun would not diverge, see test_convergence.py), and
+    exits with code 1 (issue 18: not 0 when nothing trained)."""
     assert main(["train", "--task", "digits", "--epochs", "1", "--set", "model.S_in=500",
                  "--set", "model.substeps=1", "--set", "model.integrator=euler",
                  "--set", "train.max_rollbacks=0", "--set", "model.n_hidden=4",
                  "--set", "model.n_layers=1", "--set", "train.batch_size=400", "--seeds", "0",
-                 "--no-progress"]) == 0
+                 "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "every seed failed" in out and "failed seeds (not in the summary): [0]" in out

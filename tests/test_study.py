@@ -73,6 +73,19 @@ def test_mismatch_study_writes_table_and_plot(tmp_path):
     assert len(folder.read_metrics()) == 2 * len(METHODS)
     md = (tmp_path / "s" / "mismatch_study.md").read_text()
     assert "| 30 % |" in md and "chip-in-the-loop (nominal twin)" in md
+    # issue 16: every level has its gap budget; mismatch costs nothing at 0 %, and the parts add up
+    for lv in ("00", "30"):
+        assert (tmp_path / "s" / f"gap_budget_cv{lv}.png").is_file()
+    b0 = json.loads((tmp_path / "s" / "gap_budget_cv00.json").read_text())
+    b30 = json.loads((tmp_path / "s" / "gap_budget_cv30.json").read_text())
+    assert b0["median_cost"]["mismatch"] == 0.0 and b30["device"]["cv_gamma"] == 0.3
+    for b in (b0, b30):
+        row = b["per_seed"][0]
+        assert row["total_gap"] == pytest.approx(sum(p["cost"] for p in row["parts"]))
+    # the uploaded chip of the budget is the study's nominal upload: same chip, same figure
+    upload30 = s["table"][1]["nominal_upload"]["median"]
+    assert b30["per_seed"][0]["chip"] == pytest.approx(upload30, abs=0.05)
+    assert "Gap budget" in md and "| mismatch |" in md and set(s["gap_budget"]) == {"0", "0.3"}
 
 
 def test_cli_train_with_backend_then_upload_with_verify(runs_dir, capsys):

@@ -57,7 +57,10 @@ def test_sine_square_shifted_start_bptt_runs_and_learns():
                      w_clip_dt=None, b_clip_dt=None)
     tc = TrainConfig(epochs=2, lr0=0.02, bptt="shifted", output_gain=10.0)
     res = Trainer([mc], [tc], [0], task, progress=False).fit()
-    assert 0 <= res.final[0]["test_accuracy"] <= 1
+    # measured: 0.604 on the 96 test points after 2 epochs (untrained 0.500; a constant output
+    # scores 0.5 on this series), test loss 15.3 after epoch 0, 7.2 after epoch 1
+    assert res.final[0]["test_accuracy"] > 0.55
+    assert res.history[-1]["test_loss"] < res.history[0]["test_loss"]
 
 
 @pytest.mark.parametrize("mode", ["full", "truncated"])

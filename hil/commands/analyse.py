@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from hil.errors import HilError
+from hil.runs import atomic_write, load_checkpoint
 
 
 def register(sub: Any) -> None:
@@ -29,13 +30,23 @@ def load_run(folder: Path):
     ckpt_path = folder / "model.pt"
     if not ckpt_path.is_file():
         raise HilError(f"{folder}: no model.pt; is this a folder written by hil train?")
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = load_checkpoint(ckpt_path)  # weights_only=True: a crafted file cannot run code
+    missing = [k for k in ("config", "seeds", "n_in", "n_out", "input_centre", "state_dict")
+               if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise HilError(f"{ckpt_path}: not a checkpoint of hil train "
+                       f"(missing {', '.join(missing) or 'config'})")
     cfg = update(RunConfig(), {k: v for k, v in ckpt["config"].items() if k != "preset"},
                  str(ckpt_path))
     task = make_task(cfg.task, cfg.train.output_gain)
-    net = DynamicalNetwork([cfg.model] * len(ckpt["seeds"]), ckpt["n_in"], ckpt["n_out"],
-                           ckpt["seeds"], ckpt["input_centre"])
-    net.load_state_dict(ckpt["state_dict"])
+    try:
+        net = DynamicalNetwork([cfg.model] * len(ckpt["seeds"]), ckpt["n_in"], ckpt["n_out"],
+                               ckpt["seeds"], ckpt["input_centre"])
+        net.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HilError(f"{ckpt_path}: the weights do not fit the network of its config "
+                       f"({first[:200]})") from None
     return cfg, task, net
 
 
@@ -70,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         report["error_budget"] = budget
         analysis.error_budget_plot(budget, folder / f"error_budget_seed{net.seeds[k]}.png",
                                    f"flip-flop misses, seed {net.seeds[k]}")
-    (folder / f"analysis_seed{net.seeds[k]}.json").write_text(json.dumps(report, indent=2))
+    atomic_write(folder / f"analysis_seed{net.seeds[k]}.json", json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"plots written to {folder}")
     return 0

@@ -17,6 +17,7 @@ import numpy as np
 
 from hil.errors import ConfigError, HilError
 from hil.runs import RunFolder
+from hil.runs import save_figure as _save_figure
 
 #: three reference devices (two same-sign diodes in parallel, thesis Fig. 3.7c) on switch
 #: ports 1-3: the virtual lab's reference sample (``--reference-sample``)
@@ -115,9 +116,28 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def cmd_reference(args: argparse.Namespace) -> int:
-    from calibration.reference import ReferenceMap, SweepPlan, measure_reference_map
+def _check_sweep(args: argparse.Namespace) -> None:
+    """The sweep's ranges, refused in one line before any folder or instrument is opened."""
+    import math
 
+    for opt, v in (("--z-step", args.z_step), ("--f-step", args.f_step), ("--nplc", args.nplc)):
+        if not (math.isfinite(v) and v > 0):
+            raise ConfigError(opt, f"must be a number > 0, got {v:g}", "command line")
+    for lo_opt, lo, hi_opt, hi in (("--z-start", args.z_start, "--z-stop", args.z_stop),
+                                   ("--f-start", args.f_start, "--f-stop", args.f_stop)):
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi >= lo):
+            raise ConfigError(hi_opt, f"must be a number >= {lo_opt} ({lo:g}), got {hi:g}", "command line")
+    n = (math.floor((args.z_stop - args.z_start) / args.z_step) + 1) * \
+        (math.floor((args.f_stop - args.f_start) / args.f_step) + 1)
+    if n > 10_000_000:
+        raise ConfigError("--z-step", f"the sweep would have {n:.3g} points (at most 1e7); use "
+                          "coarser --z-step/--f-step or narrower ranges", "command line")
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    from calibration.reference import SweepPlan, measure_reference_map
+
+    _check_sweep(args)
     devices = {k: int(v) for k, v in _pairs(args.devices, "--devices").items()}
     zs = np.round(np.arange(args.z_start, args.z_stop + 1e-9, args.z_step), 6)
     plan = SweepPlan(devices=devices, stage_z_mm=zs.tolist(),
@@ -150,7 +170,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
                 state["sessions"] += 1
                 run.write_json(SWEEP_STATE, state)
     print(f"lab time {state['lab_time_s']:.0f} s over {state['sessions']} session(s)")
-    m = ReferenceMap.load(csv_path)
+    m = load_reference_map(csv_path)
     print(f"{new} new points, {int(np.isfinite(m.device_grid_v).sum())} of {total} saved")
     if not m.complete:
         print("map incomplete: run again with --resume", run.path)
@@ -185,17 +205,30 @@ def _plot_reference(m: Any, path: Path) -> None:
     b.plot(h, kittel_hz(h, m.kittel.meff_oe, m.plan.gamma_hz_per_oe) / 1e9, "-")
     b.set(xlabel="field (Oe)", ylabel="resonance (GHz)", title=f"Kittel M_eff {m.kittel.meff_oe:.0f} Oe")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
 # --------------------------------------------------------------------------- chains
 
 
-def _model(map_csv: str) -> tuple[Any, Any, Any, dict[str, float]]:
-    from calibration.reference import ReferenceMap, rescaled_power
+def load_reference_map(map_csv: str | Path) -> Any:
+    """The reference map of ``map_csv`` (and its sidecar); a missing, corrupt or foreign file
+    is one :class:`HilError` naming it, not a traceback."""
+    from calibration.reference import ReferenceMap, sidecar_path
 
-    m = ReferenceMap.load(map_csv)
+    try:
+        return ReferenceMap.load(map_csv)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HilError(f"{map_csv}: not a readable reference map (with its sidecar "
+                       f"{sidecar_path(Path(map_csv)).name}): {first[:200]}") from None
+
+
+def _model(map_csv: str) -> tuple[Any, Any, Any, dict[str, float]]:
+    from calibration.reference import rescaled_power
+
+    m = load_reference_map(map_csv)
     if not m.complete:
         raise HilError(f"{map_csv}: the map is incomplete; resume hil calibrate reference first")
     m.fit_kittel()
@@ -263,7 +296,7 @@ def cmd_chain_measure(args: argparse.Namespace) -> int:
             run.append_metrics(row)
     text, means = error_table(rows)
     run.write_json("weights.json", {"chains": rows, "mean_abs_dw_pct": means})
-    run.file("table_3_1.txt").write_text(text + "\n")
+    run.write_text("table_3_1.txt", text + "\n")
     print(text)
     return 0
 

@@ -24,6 +24,7 @@ import torch
 
 from hil.errors import ConfigError
 from hil.runs import RunFolder
+from hil.runs import save_figure as _save_figure
 
 #: thesis 4.9: the hardware network was tested on the first 100 test images
 FIRST_N = 100
@@ -136,7 +137,7 @@ def _plot_training(history: list[dict[str, Any]], path: Any, title: str) -> None
     b.set(xlabel="epoch", ylabel="accuracy (%)")
     b.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -154,7 +155,7 @@ def _plot_kernels(kernels: np.ndarray, path: Any) -> None:
                     color="white" if abs(v) > 0.6 * vmax else "black")
         ax.set(title=f"kernel {k}", xticks=[0, 1], yticks=[0, 1])
     fig.colorbar(im, ax=list(np.atleast_1d(axes)), shrink=0.8, label="weight")
-    fig.savefig(path, dpi=100)
+    _save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

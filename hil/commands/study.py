@@ -6,8 +6,6 @@ import argparse
 import sys
 from typing import Any
 
-import torch
-
 from hil.commands.train import add_config_args, resolve_config
 from hil.runs import RunFolder
 
@@ -28,7 +26,13 @@ def register(sub: Any) -> None:
                    help="mismatch levels, coefficients of variation (default 0,0.1,0.2,0.3)")
     m.add_argument("--finetune-epochs", type=int, default=5, help="epochs of each fine-tuning")
     m.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning lr0 (default train.lr0 / 2)")
+    m.add_argument("--loop-lr", type=float, default=None,
+                   help="lr0 of chip-in-the-loop fine-tuning (default: the training schedule's final "
+                   "rate / 3; noisy chip gradients need a smaller step than off-chip fine-tuning)")
     m.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    m.add_argument("--budget-repeats", type=int, default=2, metavar="N",
+                   help="gap budget of the uploaded weights at every level (integrator, quantisation, "
+                   "noise, offsets, mismatch): measurements per noisy figure; 0 skips it (default 2)")
     m.add_argument("--device", action="append", default=[], metavar="KEY=VALUE",
                    help="other simulated-chip settings, e.g. --device thermal_d_ghz=0.01 (repeatable)")
     m.set_defaults(func=run_mismatch)
@@ -36,11 +40,11 @@ def register(sub: Any) -> None:
 
 def run_mismatch(args: argparse.Namespace) -> int:
     from hil.backends import parse_device_overrides
+    from hil.commands.train import set_threads
     from hil.errors import ConfigError
     from hil.study import METHODS, mismatch_study
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = resolve_config(args, default_preset="digits")
     try:
         levels = [float(v) for v in args.levels.split(",") if v.strip()]
@@ -53,9 +57,9 @@ def run_mismatch(args: argparse.Namespace) -> int:
     folder = RunFolder.create("study-mismatch", args.runs_dir, args.name or cfg.task.name)
     print(f"run folder: {folder}", file=sys.stderr)
     s = mismatch_study(cfg, levels, folder, finetune_epochs=args.finetune_epochs,
-                       finetune_lr=args.finetune_lr,
+                       finetune_lr=args.finetune_lr, loop_lr=args.loop_lr,
                        methods=methods, device=parse_device_overrides(args.device),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, budget_repeats=args.budget_repeats)
     print()
     print(folder.file("mismatch_study.md").read_text())
     print(f"{s['seconds']:.0f} s")

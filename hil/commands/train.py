@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from hil.config import RunConfig, load_config, parse_seeds, preset_names
+from hil.config import RunConfig, load_config, preset_names
 from hil.runs import RunFolder
 
 
@@ -37,10 +37,19 @@ def resolve_config(args: argparse.Namespace, default_preset: str | None = None) 
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     preset = args.preset or (None if args.config else default_preset)
-    cfg = load_config(args.config, preset=preset, overrides=overrides)
-    if args.seeds:
-        cfg.seeds = parse_seeds(args.seeds, "--seeds")
-    return cfg
+    # --seeds is applied before validation: e.g. 0,0 (a seed counted twice) is refused
+    return load_config(args.config, preset=preset, overrides=overrides, seeds=args.seeds)
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads N``: CPU threads for torch (N >= 1)."""
+    from hil.errors import ConfigError
+
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError("--threads", f"must be an integer >= 1, got {threads}", "command line")
+    torch.set_num_threads(threads)
 
 
 def register(sub: Any) -> None:
@@ -92,12 +101,15 @@ def run(args: argparse.Namespace) -> int:
     from hil.errors import ConfigError
     from hil.experiment import train_run
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cfg = resolve_config(args, default_preset="digits")
     backend = getattr(args, "backend", None)
     if getattr(args, "in_the_loop", False) and not backend:
         raise ConfigError("--in-the-loop", "needs --backend NAME (the chip to train with)", "command line")
+    if getattr(args, "init", None) and not getattr(args, "in_the_loop", False):
+        raise ConfigError("--init", "only chip-in-the-loop training starts from a trained run: add "
+                          "--backend NAME --in-the-loop (off-chip training always starts from a fresh "
+                          "initialisation)", "command line")
     if getattr(args, "device", None) and not backend:
         raise ConfigError("--device", "device settings need --backend", "command line")
     if getattr(args, "in_the_loop", False):
@@ -132,20 +144,36 @@ def run(args: argparse.Namespace) -> int:
         print(f"failed seeds (not in the summary): {summary['failed_seeds']}")
     for w in summary["design_rules"]["warnings"]:
         print(f"warning: {w}")
-    if backend:
+    if backend and s.get("n", 0):
         _upload_after_training(cfg, folder, backend, args.device)
     print(f"run folder: {folder}")
+    if not s.get("n", 0):  # every seed failed: nothing trained, say so in the exit code
+        args.failure = f"every seed failed ({summary['failed_seeds']}); see metrics.jsonl"
+        print(f"hil train: error: {args.failure}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _run_in_the_loop(args: argparse.Namespace, cfg: RunConfig) -> int:
-    from hil.chip_in_loop import print_summary, train_in_the_loop_run
+    from pathlib import Path
 
+    from hil.chip_in_loop import print_summary, train_in_the_loop_run
+    from hil.commands.analyse import load_run
+
+    if args.init:  # a missing, corrupt or unsafe checkpoint stops here, before any folder or chip
+        p = Path(args.init)
+        load_run(p if p.is_dir() else p.parent)
     folder = RunFolder.create("train-in-the-loop", args.runs_dir, args.name or cfg.task.name)
     print(f"run folder: {folder}", file=sys.stderr)
     summary = train_in_the_loop_run(cfg, folder, args.backend, args.device, twin=args.twin, init=args.init,
                                     monitor_every=args.monitor_every, monitor_ratio=args.monitor_ratio,
                                     progress=not args.no_progress)
+    s = summary.get("test_on_device", {})
+    if not s.get("n", 0):  # every seed failed
+        args.failure = f"every seed failed ({summary.get('failed_seeds')}); see metrics.jsonl"
+        print(f"hil train: error: {args.failure}", file=sys.stderr)
+        print(f"run folder: {folder}")
+        return 1
     print_summary(summary, folder)
     return 0
 

@@ -54,9 +54,18 @@ def run(args: argparse.Namespace) -> int:
 
     if args.report:
         return _report(args)
+    from hil.commands.train import set_threads
+    from hil.config import check_memory
+
+    set_threads(args.threads)
     cfg = resolve_config(args, default_preset="digits")
     if args.objective == "val" and cfg.task.val_fraction == 0:
         cfg.task.val_fraction = 0.2
+    for opt, v in (("--n-trials", args.n_trials), ("--batch", args.batch), ("--workers", args.workers),
+                   ("--seeds-per-trial", args.seeds_per_trial)):
+        if v < 1:
+            raise ConfigError(opt, f"must be an integer >= 1, got {v}", "command line")
+    check_memory(cfg, n_parallel=args.batch * args.seeds_per_trial, source="--batch")
     space = tune.parse_space(args.space)
     if args.storage:
         tune.storage_url(args.storage)  # a bad URL or a missing driver stops before any folder

@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hil.runs import RunFolder
 
 
@@ -42,11 +40,11 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hil.commands.train import set_threads
     from hil.errors import ConfigError
     from hil.study import upload_run
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.tol <= 0:
         raise ConfigError("--tol", f"must be > 0, got {args.tol}", "command line")
     if args.max_iters < 0:
