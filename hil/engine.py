@@ -638,20 +638,16 @@ template <class T> HIL_INLINE V<T> vsqrt(V<T> x) {
   return x;
 }
 #if defined(__AVX512F__)  // one instruction, the same correctly rounded result
-template <> HIL_INLINE V<float> vsqrt<float>(V<float> x) {
-  __m512 v;
-  std::memcpy(&v, &x, sizeof(v));
-  v = _mm512_sqrt_ps(v);
-  std::memcpy(&x, &v, sizeof(v));
-  return x;
-}
-template <> HIL_INLINE V<double> vsqrt<double>(V<double> x) {
-  __m512d v;
-  std::memcpy(&v, &x, sizeof(v));
-  v = _mm512_sqrt_pd(v);
-  std::memcpy(&x, &v, sizeof(v));
-  return x;
-}
+#define HIL_VSQRT512(T, REG, SQRT)                              \
+  template <> HIL_INLINE V<T> vsqrt<T>(V<T> x) {              \
+    REG v;                                                      \
+    std::memcpy(&v, &x, sizeof(v));                             \
+    v = SQRT(v);                                                \
+    std::memcpy(&x, &v, sizeof(v));                             \
+    return x;                                                   \
+  }
+HIL_VSQRT512(float, __m512, _mm512_sqrt_ps)
+HIL_VSQRT512(double, __m512d, _mm512_sqrt_pd)
 #endif
 // one sub-step at held drive D; with G, also dx'/dx (dx) and dx'/dD (dD).
 // SPIN: dx/dt = th + r x - c x^2, r = D - g, c = D + g Q, th the thermal floor: the logistic

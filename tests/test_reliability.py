@@ -260,13 +260,17 @@ def test_metrics_lines_are_valid_json_with_null_for_non_finite(tmp_path):
     assert rec == {"epoch": 0, "train_loss": None, "val": None, "ok": 0.5}
 
 
+#: a digits run whose only seed diverges in its first epoch (no rollback allowed)
+DIVERGING = ["train", "--task", "digits", "--epochs", "1", "--set", "model.S_in=500",
+             "--set", "model.substeps=1", "--set", "model.integrator=euler",
+             "--set", "train.max_rollbacks=0", "--set", "model.n_hidden=4",
+             "--set", "model.n_layers=1", "--set", "train.batch_size=400", "--seeds", "0",
+             "--no-progress"]
+
+
 def test_diverged_epoch_is_null_not_zero(runs_dir, capsys):
     """A seed that diverges: its epoch's train_loss is null (not 0.0), and every line parses."""
-    rc = main(["train", "--task", "digits", "--epochs", "1", "--set", "model.S_in=500",
-               "--set", "model.substeps=1", "--set", "model.integrator=euler",
-               "--set", "train.max_rollbacks=0", "--set", "model.n_hidden=4",
-               "--set", "model.n_layers=1", "--set", "train.batch_size=400", "--seeds", "0",
-               "--no-progress"])
+    rc = main(DIVERGING)
     assert rc == 1
     folder, = _folders(runs_dir)
 
@@ -337,11 +341,7 @@ def test_status_interrupted(runs_dir, mocker):
 
 
 def test_every_seed_failed_exits_non_zero_and_says_failed(runs_dir, capsys):
-    rc = main(["train", "--task", "digits", "--epochs", "1", "--set", "model.S_in=500",
-               "--set", "model.substeps=1", "--set", "model.integrator=euler",
-               "--set", "train.max_rollbacks=0", "--set", "model.n_hidden=4",
-               "--set", "model.n_layers=1", "--set", "train.batch_size=400", "--seeds", "0",
-               "--no-progress"])
+    rc = main(DIVERGING)
     assert rc == 1
     assert "every seed failed" in capsys.readouterr().err
     folder, = _folders(runs_dir)
