@@ -30,7 +30,9 @@ controller = 0x50, channel 1. Used: HW_REQ_INFO 0x0005 / HW_GET_INFO 0x0006,
 MOD_SET_CHANENABLESTATE 0x0210, MOT_REQ_POSCOUNTER 0x0411 / GET 0x0412,
 MOT_SET_VELPARAMS 0x0413, MOT_REQ_VELPARAMS 0x0414 / GET 0x0415, MOT_MOVE_HOME 0x0443 /
 MOVE_HOMED 0x0444, MOT_MOVE_ABSOLUTE 0x0453, MOT_MOVE_COMPLETED 0x0464, MOT_MOVE_STOP 0x0465 /
-MOVE_STOPPED 0x0466, MOT_REQ_DCSTATUSUPDATE 0x0490 / GET 0x0491, HW_RESPONSE 0x0080 and
+MOVE_STOPPED 0x0466, MOT_REQ_DCSTATUSUPDATE 0x0490 / GET 0x0491 / ACK 0x0492 ("server
+alive": over USB the controller stops sending status updates after ~50 without one; sent
+after every status reply), HW_RESPONSE 0x0080 and
 HW_RICHRESPONSE 0x0081 (errors reported by the controller). Scaling (same document, KDC101
 table): Z8-series actuators 34554.96 counts/mm, velocity 772981.3692 per mm/s, acceleration
 263.8443072 per mm/s^2; PRM1-Z8 rotation mount 1919.6418578623391 counts/deg, velocity
@@ -550,6 +552,7 @@ MGMSG = {
     "MOT_MOVE_HOME": 0x0443, "MOT_MOVE_HOMED": 0x0444, "MOT_MOVE_ABSOLUTE": 0x0453,
     "MOT_MOVE_COMPLETED": 0x0464, "MOT_MOVE_STOP": 0x0465, "MOT_MOVE_STOPPED": 0x0466,
     "MOT_REQ_DCSTATUSUPDATE": 0x0490, "MOT_GET_DCSTATUSUPDATE": 0x0491,
+    "MOT_ACK_DCSTATUSUPDATE": 0x0492,
 }
 _NAMES = {v: k for k, v in MGMSG.items()}
 
@@ -646,7 +649,11 @@ class ThorlabsKDC101(Stage):
         label = apt_label(struct.unpack_from("<H", message)[0])
         for _ in range(self.MAX_MESSAGES):
             reply = self._read_message(label)
-            self._raise_if_error(reply, label)
+            try:
+                self._raise_if_error(reply, label)
+            except InstrumentError:
+                self._drain_until(reply_id, label)
+                raise
             if reply.msg_id == reply_id:
                 return reply
             log.debug("%s: skipped %s while waiting for %s", self.describe(),
@@ -654,11 +661,23 @@ class ThorlabsKDC101(Stage):
         raise ProtocolError(f"no {apt_label(reply_id)} among {self.MAX_MESSAGES} messages",
                             instrument=self.describe(), command=label)
 
+    def _drain_until(self, reply_id: int, label: str) -> None:
+        """After an error message, read on to the reply that was asked for, so that it is not
+        taken for the answer to the next request (a stale status would hide a new fault); a
+        controller that sends none ends the drain at the read timeout."""
+        for _ in range(self.MAX_MESSAGES):
+            try:
+                if self._read_message(label).msg_id == reply_id:
+                    return
+            except InstrumentTimeout:
+                return
+
     def _status(self) -> tuple[int, int]:
         """(position in counts, status bits) from a DC status update."""
         reply = self._request(apt_short(MGMSG["MOT_REQ_DCSTATUSUPDATE"], CHANNEL),
                               MGMSG["MOT_GET_DCSTATUSUPDATE"])
         _, position, _, _, bits = struct.unpack_from("<HiHhI", reply.data)
+        self._send(apt_short(MGMSG["MOT_ACK_DCSTATUSUPDATE"]))  # "server alive"
         return position, bits
 
     # ---- Instrument
