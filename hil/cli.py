@@ -167,7 +167,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         how = signal.Signals(exc.signum).name if isinstance(exc, Terminated) else "interrupted"
         print(f"hil {args.command}: {how}; instruments made safe; partial results are in the "
               "run folder.", file=sys.stderr)
+        _resume_hint(args, folders)
         return 128 + exc.signum if isinstance(exc, Terminated) else 130
+
+
+def _resume_hint(args: argparse.Namespace, folders: list[Any]) -> None:
+    """After an interrupted ``hil train``: how to continue it, or why it cannot be."""
+    from hil.experiment import CHECKPOINT_FILE
+
+    for folder in folders[:1]:  # the command's own run folder (an upload's sub-folder is not trained)
+        if (folder.path / CHECKPOINT_FILE).is_file():
+            print(f"hil {args.command}: the weights, optimiser and random state of the last finished "
+                  f"epoch are in {folder.path / CHECKPOINT_FILE}; continue with: hil train --resume "
+                  f"{folder.path}", file=sys.stderr)
+        elif args.command == "train" and not getattr(args, "in_the_loop", False) and \
+                not (folder.path / "model.pt").is_file():
+            print(f"hil {args.command}: no epoch had finished: no checkpoint to resume from, "
+                  "run it again", file=sys.stderr)
 
 
 def _call(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +11,9 @@ import numpy as np
 import torch
 
 from hil import convergence, design_rules, plots
-from hil.config import RunConfig
-from hil.runs import RunFolder, atomic_path
+from hil.config import RunConfig, load_config
+from hil.errors import ConfigError, HilError
+from hil.runs import RunFolder, atomic_path, atomic_write, load_checkpoint, read_status
 from hil.tasks import make_task
 from hil.train import Trainer, TrainResult, summarize
 
@@ -48,15 +51,41 @@ def save_checkpoint(result: TrainResult, cfg: RunConfig, path) -> None:
         torch.save(checkpoint_data(result.net, cfg), tmp)
 
 
-def train_run(cfg: RunConfig, folder: RunFolder, progress: bool = True) -> dict[str, Any]:
-    """Train every seed of ``cfg`` together; write config, metrics, results, summary, plots."""
+#: the resume point of ``hil train``, rewritten (atomically) at the end of every epoch and
+#: removed once the run's results (``model.pt``, ``summary.json``, ...) are written
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "hil-train-checkpoint"
+
+
+def train_run(cfg: RunConfig, folder: RunFolder, progress: bool = True,
+              resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train every seed of ``cfg`` together; write config, metrics, results, summary, plots.
+
+    Every epoch ends with ``checkpoint.pt`` (see :meth:`hil.train.Trainer.resume_state`);
+    ``resume``, a checkpoint from :func:`check_resume`, continues that run in its own folder to
+    the same final weights as an uninterrupted run."""
     torch.manual_seed(cfg.seeds[0])
-    folder.write_config(cfg.to_dict())
+    if resume is None:
+        folder.write_config(cfg.to_dict())
     task = make_task(cfg.task, cfg.train.output_gain)
     K = len(cfg.seeds)
+    config = plain(cfg.to_dict())
+
+    def checkpoint(state: dict[str, Any]) -> None:
+        folder.save_torch(CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, "config": config,
+                                            "trainer": state})
+
     trainer = Trainer([cfg.model] * K, [cfg.train] * K, cfg.seeds, task,
                       log=folder.append_metrics, progress=progress,
-                      label=f"{cfg.task.name}/{cfg.model.neuron} x{K} seeds", hardware=cfg.hardware)
+                      label=f"{cfg.task.name}/{cfg.model.neuron} x{K} seeds", hardware=cfg.hardware,
+                      checkpoint=checkpoint)
+    if resume is not None:
+        try:
+            trainer.load_resume_state(resume["trainer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise HilError(f"--resume {folder}: {CHECKPOINT_FILE} does not fit this run's config "
+                           f"({str(exc).splitlines()[0][:160]})") from None
+        _trim_metrics(folder, trainer.start_epoch)
     result = trainer.fit()
     metric = task.metric_name
     ok = [f for f in result.final if f["status"] != "failed"]
@@ -78,7 +107,84 @@ def train_run(cfg: RunConfig, folder: RunFolder, progress: bool = True) -> dict[
     save_checkpoint(result, cfg, folder.file("model.pt"))
     plots.accuracy_curves(result.history, metric, folder.file("accuracy.png"))
     _trajectory_plot(result, task, cfg, folder)
+    folder.file(CHECKPOINT_FILE).unlink(missing_ok=True)  # model.pt and the results are written
     return summary
+
+
+def _trim_metrics(folder: RunFolder, start_epoch: int) -> None:
+    """Drop the records of epochs from ``start_epoch`` on from ``metrics.jsonl`` (written after the
+    last checkpoint, before the run was killed): the resumed run writes them again."""
+    path = folder.file("metrics.jsonl")
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if not (isinstance(rec, dict) and isinstance(rec.get("epoch"), int)
+                and rec["epoch"] >= start_epoch):
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        atomic_write(path, "".join(keep))
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def check_resume(path: str | Path, given: RunConfig | None = None) -> tuple[RunConfig, dict[str, Any]]:
+    """``hil train --resume PATH``: the run's config and its checkpoint, or one clear
+    :class:`HilError` (no such folder, no checkpoint, a finished or still running run, settings
+    ``given`` on the command line that differ from the run's ``config.yaml``). Reads only: the
+    folder is left as it was when the resume is refused."""
+    p = Path(path)
+    if not p.is_dir():
+        raise HilError(f"--resume {p}: no such run folder")
+    status = read_status(p)
+    if status.get("status") == "complete":
+        raise HilError(f"--resume {p}: the run is complete (model.pt and summary.json written); "
+                       "nothing to resume")
+    if status.get("status") == "running" and _alive(status.get("pid")):
+        raise HilError(f"--resume {p}: the run is still running (pid {status['pid']}); stop it first")
+    ckpt_path = p / CHECKPOINT_FILE
+    if not ckpt_path.is_file():
+        why = ("its training had finished (model.pt written)" if (p / "model.pt").is_file() else
+               "no epoch had finished, or it is not a `hil train` run folder (off-chip training)")
+        raise HilError(f"--resume {p}: no {CHECKPOINT_FILE} to continue from: {why}")
+    if not (p / "config.yaml").is_file():
+        raise HilError(f"--resume {p}: no config.yaml")
+    stored = load_config(p / "config.yaml")
+    if given is not None:
+        a, b = _flat(plain(stored.to_dict())), _flat(plain(given.to_dict()))
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if diff:
+            shown = ", ".join(f"{k} (run: {a.get(k)!r}, now: {b.get(k)!r})" for k in diff)
+            raise ConfigError("--resume", f"settings differ from {p / 'config.yaml'}: {shown}; resume "
+                              "with the run's own settings (--resume alone uses them)", "command line")
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT or not isinstance(ckpt.get("trainer"), dict):
+        raise HilError(f"--resume {p}: {ckpt_path.name} is not a `hil train` checkpoint")
+    return stored, ckpt
 
 
 def _convergence(result: TrainResult, task) -> dict[str, Any]:

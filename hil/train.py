@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,7 +113,9 @@ def evaluate(net: DynamicalNetwork, task: Task, split: str) -> dict[str, torch.T
 
 class Trainer:
     """Trains ``K`` trials together. ``on_epoch(epoch, record) -> set of trial indices to
-    stop`` lets a caller (Optuna pruning) stop trials early."""
+    stop`` lets a caller (Optuna pruning) stop trials early. ``checkpoint(state)`` is called at
+    the end of every epoch with :meth:`resume_state`; :meth:`load_resume_state` on a trainer
+    built the same way continues from it to the same final weights as an uninterrupted run."""
 
     def __init__(
         self,
@@ -124,6 +128,7 @@ class Trainer:
         on_epoch: Callable[[int, dict[str, Any]], set[int]] | None = None,
         label: str = "train",
         hardware: HardwareConfig | None = None,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if not (len(model_cfgs) == len(train_cfgs) == len(seeds)):
             raise ValueError("one model config, train config and seed per trial")
@@ -162,6 +167,9 @@ class Trainer:
         # hardware-aware training: every update sees a fresh draw of the chip's non-idealities
         self.hardware = hardware if hardware is not None and hardware.active else None
         self.hw_gens = [torch.Generator().manual_seed(7_919 * int(s) + 3) for s in seeds]
+        self.checkpoint = checkpoint
+        self.start_epoch = 0  # > 0 after load_resume_state
+        self.seconds_before = 0.0  # training time of the epochs before a resume
         self._snapshot()
 
     # ------------------------------------------------------------- snapshots / rollback
@@ -322,12 +330,14 @@ class Trainer:
     def fit(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        t_start = time.perf_counter()
+        t_start = time.perf_counter() - self.seconds_before
         epochs = self.tcfg.epochs
-        bar = tqdm(total=epochs, desc=self.label, disable=not self.progress, unit="epoch",
-                   dynamic_ncols=True)
+        bar = tqdm(total=epochs, initial=self.start_epoch, desc=self.label,
+                   disable=not self.progress, unit="epoch", dynamic_ncols=True)
         eval_splits = [s for s in ("val", "test") if s in self.task.splits]
-        for epoch in range(epochs):
+        for epoch in range(self.start_epoch, epochs):
+            if not self.active.any():  # resumed after every trial had stopped
+                break
             if self.task.name == "sine_square":
                 tr_loss, tr_metric = self._epoch_sequence(epoch)
             else:
@@ -370,6 +380,8 @@ class Trainer:
                     if self.active[k]:
                         self.active[k] = False
                         self.statuses[k].status = "pruned"
+            if self.checkpoint is not None:
+                self.checkpoint(self.resume_state(epoch + 1, time.perf_counter() - t_start))
             if not self.active.any():
                 break
         bar.close()
@@ -382,12 +394,75 @@ class Trainer:
         return TrainResult(self.net, self.history, final, self.statuses,
                            time.perf_counter() - t_start)
 
+    # ------------------------------------------------------------- checkpoint / resume
+    def resume_state(self, next_epoch: int, seconds: float = 0.0) -> dict[str, Any]:
+        """Everything :meth:`fit` needs to go on from ``next_epoch`` exactly as if it had not
+        stopped: weights, optimiser, per-trial status (rollbacks, lr factors, failed flags) and
+        rollback points, the history, and every random generator (the global torch, numpy and
+        Python ones, each trial's data order and hardware-aware draws). Tensors and plain data
+        only (it loads with ``torch.load(weights_only=True)``)."""
+        return {
+            "epoch": int(next_epoch),
+            "seconds": float(seconds),
+            "net": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
+            "opt": {"m": [m.clone() for m in self.opt.m], "v": [v.clone() for v in self.opt.v],
+                    "t": self.opt.t.clone()},
+            "lr_factor": self.lr_factor.clone(),
+            "active": self.active.clone(),
+            "statuses": [dataclasses.asdict(st) for st in self.statuses],
+            "snapshots": [{"params": p, "opt": o} for p, o in self._snap],
+            "history": copy.deepcopy(self.history),
+            "gens": [g.get_state() for g in self.gens],
+            "hw_gens": [g.get_state() for g in self.hw_gens],
+            "rng": rng_state(),
+        }
+
+    @torch.no_grad()
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`resume_state` (this trainer built with the same configs, seeds and
+        task); :meth:`fit` then starts at the stored epoch."""
+        self.net.load_state_dict(state["net"])
+        for dst, src in zip(self.opt.m + self.opt.v, state["opt"]["m"] + state["opt"]["v"], strict=True):
+            dst.copy_(src)
+        self.opt.t.copy_(state["opt"]["t"])
+        self.lr_factor.copy_(state["lr_factor"])
+        self.active.copy_(state["active"])
+        self.statuses = [TrialStatus(**st) for st in state["statuses"]]
+        self._snap = [(s["params"], s["opt"]) for s in state["snapshots"]]
+        self.history = list(state["history"])
+        for g, st in zip(self.gens + self.hw_gens, state["gens"] + state["hw_gens"], strict=True):
+            g.set_state(st)
+        set_rng_state(state["rng"])
+        self.start_epoch = int(state["epoch"])
+        self.seconds_before = float(state["seconds"])
+
     def _snapshot_good(self) -> None:
         """Keep the last good epoch of each trial (finite parameters) for rollback."""
         for k in range(self.K):
             finite = all(bool(torch.isfinite(p[k]).all()) for p in self.net.trainable())
             if finite and self.active[k]:
                 self._snap[k] = self._trial_state(k)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global torch, numpy and Python random states, as tensors and plain data."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": int(version), "internal": [int(v) for v in internal],
+                       "gauss_next": gauss_next}}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
 def summarize(values: list[float]) -> dict[str, float]:

@@ -224,11 +224,12 @@ def test_full_disk_during_training_fails_cleanly(runs_dir, capsys, mocker):
     mocker.patch("hil.experiment.torch.save", side_effect=_enospc)
     assert main(["train", "--task", "digits", *TINY]) == 2
     line = _one_clean_line(capsys.readouterr().err)
-    assert "model.pt: No space left on device" in line
+    assert "checkpoint.pt: No space left on device" in line  # the first file torch writes: epoch 0's
     folder, = _folders(runs_dir)
     st = runs.read_status(folder)
     assert st["status"] == "failed" and "No space left" in st["reason"]
-    assert not (folder / "model.pt").exists()
+    assert not (folder / "model.pt").exists() and not (folder / "checkpoint.pt").exists()
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temp files
 
 
 def test_figures_and_text_are_written_atomically(tmp_path, mocker):

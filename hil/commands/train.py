@@ -66,6 +66,10 @@ def register(sub: Any) -> None:
     p.add_argument("--twin", choices=("nominal", "calibrated"), default="calibrated",
                    help="the model used in the backward pass: nominal values, or calibrated on "
                    "each chip first (default)")
+    p.add_argument("--resume", metavar="RUN_FOLDER",
+                   help="continue an interrupted off-chip training run from its last finished epoch "
+                   "(checkpoint.pt), to the same final weights as an uninterrupted run; takes the run's "
+                   "own config (settings given beside it must match)")
     p.add_argument("--init", metavar="RUN_FOLDER",
                    help="start from the weights of a trained run with the same seeds (e.g. off-chip)")
     p.add_argument("--monitor-every", type=int, default=0, metavar="N",
@@ -97,12 +101,26 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                    "sims.oscillator_device.DeviceConfig)")
 
 
+def _gives_settings(args: argparse.Namespace) -> bool:
+    """Whether the command line sets anything of the config (beside ``--resume``)."""
+    return bool(args.config or args.preset or args.task or args.model or args.seeds
+                or args.epochs is not None or args.overrides)
+
+
 def run(args: argparse.Namespace) -> int:
     from hil.errors import ConfigError
-    from hil.experiment import train_run
+    from hil.experiment import check_resume, train_run
 
     set_threads(args.threads)
-    cfg = resolve_config(args, default_preset="digits")
+    resume = getattr(args, "resume", None)
+    if resume and getattr(args, "in_the_loop", False):
+        raise ConfigError("--resume", "chip-in-the-loop training keeps no checkpoint yet; only "
+                          "off-chip training (hil train without --in-the-loop) resumes", "command line")
+    if not resume:
+        cfg, ckpt = resolve_config(args, default_preset="digits"), None
+    else:  # the run's own config; refused (one line, exit 2) before the folder is touched
+        given = resolve_config(args, default_preset="digits") if _gives_settings(args) else None
+        cfg, ckpt = check_resume(resume, given)
     backend = getattr(args, "backend", None)
     if getattr(args, "in_the_loop", False) and not backend:
         raise ConfigError("--in-the-loop", "needs --backend NAME (the chip to train with)", "command line")
@@ -114,13 +132,22 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--device", "device settings need --backend", "command line")
     if getattr(args, "in_the_loop", False):
         return _run_in_the_loop(args, cfg)
-    folder = RunFolder.create("train", args.runs_dir, args.name or cfg.task.name)
-    print(f"run folder: {folder}", file=sys.stderr)
-    from hil import design_rules
+    if ckpt is not None:
+        from pathlib import Path
 
-    for w in design_rules.check(cfg.model)["warnings"]:
-        print(f"warning (before training): {w}", file=sys.stderr)
-    summary = train_run(cfg, folder, progress=not args.no_progress)
+        folder = RunFolder(Path(resume))
+        folder.set_status("running", resumed_from_epoch=int(ckpt["trainer"]["epoch"]))
+        print(f"run folder: {folder} (resumed after epoch {ckpt['trainer']['epoch']} of "
+              f"{cfg.train.epochs})", file=sys.stderr)
+    else:
+        folder = RunFolder.create("train", args.runs_dir, args.name or cfg.task.name)
+        print(f"run folder: {folder}", file=sys.stderr)
+        from hil import design_rules
+
+        for w in design_rules.check(cfg.model)["warnings"]:
+            print(f"warning (before training): {w}", file=sys.stderr)
+    resumed = {"resume": ckpt} if ckpt is not None else {}
+    summary = train_run(cfg, folder, progress=not args.no_progress, **resumed)
     s = summary["test"]
     metric = summary["metric"]
     if s.get("n", 0) and "median" in s:

@@ -18,10 +18,12 @@ def register(sub: Any) -> None:
         description="Search hyperparameters with Optuna. The study is stored in an SQLite file "
         "in the run folder unless --storage names a shared database; run the same command "
         "again with --resume RUN_FOLDER (or the same --storage and --study-name) to continue "
-        "a killed search.")
+        "a killed search; a study refuses workers with another base config, search space or "
+        "objective.")
     add_config_args(p)
     p.add_argument("--n-trials", type=int, default=40,
-                   help="total trials in the study (with several workers it may be exceeded by "
+                   help="finished trials (complete, pruned or failed) in the study; a killed "
+                   "trial queued again counts once (with several workers it may be exceeded by "
                    "up to (workers - 1) x batch, since each checks the count before asking)")
     p.add_argument("--batch", type=int, default=4, help="trials trained together per job")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
@@ -45,7 +47,16 @@ def register(sub: Any) -> None:
     p.add_argument("--prune-warmup", type=int, default=5, metavar="EPOCHS",
                    help="epochs a trial runs before the median pruner may stop it (default 5; "
                    "raise it for slow starters such as the CTRNN)")
-    p.add_argument("--sampler-seed", type=int, default=0)
+    p.add_argument("--sampler-seed", type=int, default=0,
+                   help="mixed with each worker's identity (host, pid, the scheduler's job and "
+                   "task ids), so no two workers draw the same trials; recorded per trial")
+    p.add_argument("--heartbeat", type=int, default=10,  # hil.tune.HEARTBEAT_S
+                   metavar="SECONDS", help="seconds between the heartbeats a worker records for "
+                   "its running trials in a database storage (default %(default)s)")
+    p.add_argument("--grace-period", type=int, default=60,  # hil.tune.GRACE_S
+                   metavar="SECONDS", help="a trial without a heartbeat for this long (its worker "
+                   "was killed, on any machine) is failed and queued again, once (default "
+                   "%(default)s)")
     p.set_defaults(func=run)
 
 
@@ -71,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
         tune.storage_url(args.storage)  # a bad URL or a missing driver stops before any folder
     if args.resume:
         folder = RunFolder(Path(args.resume))
-        if not folder.file("study.db").exists() and not args.storage:
-            raise ConfigError("--resume", f"no study.db in {args.resume}", "command line")
+        if not args.storage:
+            tune.check_study_file(folder.file("study.db"))
     else:
         folder = RunFolder.create("tune", args.runs_dir, args.name or cfg.task.name)
         folder.write_config(cfg.to_dict())
@@ -82,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         cfg, folder.path, storage=args.storage, study_name=args.study_name,
         n_trials=args.n_trials, batch=args.batch, workers=args.workers, objective=args.objective,
         space=space, seeds_per_trial=args.seeds_per_trial, prune_warmup=args.prune_warmup,
-        sampler_seed=args.sampler_seed, threads=args.threads, progress=not args.no_progress)
+        sampler_seed=args.sampler_seed, threads=args.threads, progress=not args.no_progress,
+        heartbeat=args.heartbeat, grace_period=args.grace_period, resume=bool(args.resume))
     folder.write_json("tune_summary.json", report)
     _print_report(report, folder)
     return 0
