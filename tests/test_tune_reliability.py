@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -206,7 +207,9 @@ def test_workers_end_with_their_parent(tmp_path):
 
     time.sleep(3.5)
     study = optuna.load_study(study_name="hil", storage=make_storage(url, 1, 3))
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     trials = study.get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING and "worker" in t.user_attrs]
     retried = {n for t in trials if t.state == TrialState.WAITING
