@@ -325,6 +325,19 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str | None) ->
         setattr(obj, k, _coerce(v, fields[k].type, key, source))
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys (``{"model": {"S": 1}}`` -> ``{"model.S": 1}``),
+    the names ``--set`` uses."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def parse_seeds(spec: Any, source: str | None = None) -> list[int]:
     """``"0-9"``, ``"0,3,5"``, ``7`` or a list -> list of ints."""
     if isinstance(spec, bool):

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from hil.config import flatten
 from hil.runs import atomic_write as _atomic_write
 from hil.runs import save_figure as _save_figure
 
@@ -356,16 +357,6 @@ def _fmt(v: Any, cell: bool = True) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ") if cell else str(v)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
 
 def _table(d: dict) -> list[str]:
     """Markdown table: wide for a dict of dicts of scalars, key/value otherwise (nested keys dotted)."""
@@ -378,7 +369,7 @@ def _table(d: dict) -> list[str]:
             lines.append(f"| {_fmt(k)} | " + " | ".join(_fmt(v.get(c, "")) for c in cols) + " |")
         return lines
     lines = ["| key | value |", "|---|---|"]
-    lines += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in _flatten(d).items()]
+    lines += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in flatten(d).items()]
     return lines
 
 

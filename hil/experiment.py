@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from hil import convergence, design_rules, plots
-from hil.config import RunConfig, load_config
+from hil.config import RunConfig, flatten, load_config
 from hil.errors import ConfigError, HilError
-from hil.runs import RunFolder, atomic_path, atomic_write, load_checkpoint, read_status
+from hil.runs import RunFolder, atomic_path, atomic_write, load_checkpoint, pid_alive, read_status
 from hil.tasks import make_task
 from hil.train import Trainer, TrainResult, summarize
 
@@ -131,25 +131,6 @@ def _trim_metrics(folder: RunFolder, start_epoch: int) -> None:
         atomic_write(path, "".join(keep))
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. another user's process
-        return True
-    return True
 
 
 def check_resume(path: str | Path, given: RunConfig | None = None) -> tuple[RunConfig, dict[str, Any]]:
@@ -164,7 +145,9 @@ def check_resume(path: str | Path, given: RunConfig | None = None) -> tuple[RunC
     if status.get("status") == "complete":
         raise HilError(f"--resume {p}: the run is complete (model.pt and summary.json written); "
                        "nothing to resume")
-    if status.get("status") == "running" and _alive(status.get("pid")):
+    pid = status.get("pid")
+    if (status.get("status") == "running" and isinstance(pid, int) and pid != os.getpid()
+            and pid_alive(pid)):
         raise HilError(f"--resume {p}: the run is still running (pid {status['pid']}); stop it first")
     ckpt_path = p / CHECKPOINT_FILE
     if not ckpt_path.is_file():
@@ -175,7 +158,7 @@ def check_resume(path: str | Path, given: RunConfig | None = None) -> tuple[RunC
         raise HilError(f"--resume {p}: no config.yaml")
     stored = load_config(p / "config.yaml")
     if given is not None:
-        a, b = _flat(plain(stored.to_dict())), _flat(plain(given.to_dict()))
+        a, b = flatten(plain(stored.to_dict())), flatten(plain(given.to_dict()))
         diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         if diff:
             shown = ", ".join(f"{k} (run: {a.get(k)!r}, now: {b.get(k)!r})" for k in diff)

@@ -150,10 +150,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp.write_bytes(raw)  # atomic_path fsyncs it before the rename
     return path
 
 
@@ -334,6 +331,20 @@ class RunFolder:
 
     def __str__(self) -> str:
         return str(self.path)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (signal 0 checks without sending anything);
+    a process of another user counts as alive. ``pid <= 0`` names no single process: False."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: another user's process
+        return True
+    return True
 
 
 def read_status(path: str | Path) -> dict[str, Any]:

@@ -45,7 +45,7 @@ from optuna.trial import TrialState
 from hil.config import RunConfig, update, validate
 from hil.errors import ConfigError, HilError
 from hil.extras import MissingExtra, available, require
-from hil.runs import atomic_path, atomic_write, save_figure
+from hil.runs import atomic_path, atomic_write, pid_alive, save_figure
 from hil.tasks import make_task
 from hil.train import Trainer
 
@@ -147,15 +147,6 @@ def fail_and_retry(study: optuna.Study, number: int) -> bool:
     return True
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def recover_stale(study: optuna.Study, orphan_grace_s: float = GRACE_S,
                   storage: optuna.storages.BaseStorage | None = None) -> int:
@@ -179,8 +170,8 @@ def recover_stale(study: optuna.Study, orphan_grace_s: float = GRACE_S,
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if "host" in t.user_attrs:  # tagged: a heartbeat covers it, unless of an earlier hil
             beats = "worker" in t.user_attrs and storage is not None and has_heartbeat(storage)
-            stale = (not beats and t.user_attrs["host"] == host
-                     and not _alive(int(t.user_attrs.get("pid", -1))))
+            stale = (not beats and t.user_attrs["host"] == host and "pid" in t.user_attrs
+                     and not pid_alive(int(t.user_attrs["pid"])))
         else:
             started = t.datetime_start or now
             stale = (now - started).total_seconds() > orphan_grace_s
@@ -341,7 +332,7 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
     if not armed:
         def watch() -> None:
-            while os.getppid() == parent and _alive(parent):
+            while os.getppid() == parent and pid_alive(parent):
                 time.sleep(1.0)
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from hil.errors import ConfigError
-from hil.runs import default_root, read_status
+from hil.runs import default_root, pid_alive, read_status
 
 _STAMP = re.compile(r"^(\d{8}-\d{6})-(.+?)(?:-\d+)?$")
 #: kinds of run folder the commands make, longest first (a folder's name is <stamp>-<kind>[-<name>])
@@ -91,24 +91,13 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
             if isinstance(cfg, dict) and isinstance(cfg.get("task"), dict):
                 task = cfg["task"].get("name")
         state = status.get("status", "unknown")
-        if state == "running" and status.get("pid") and not _alive(int(status["pid"])):
+        if state == "running" and status.get("pid") and not pid_alive(int(status["pid"])):
             state = "running?"  # the process that wrote it is gone (killed without a chance to say)
         rows.append({"folder": path.name, "kind": _kind(path.name, status), "status": state,
                      "reason": status.get("reason", ""), "task": task or "", "result": result,
                      "date": _date(path.name, status, env)})
     return rows
 
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -174,11 +174,17 @@ def run(args: argparse.Namespace) -> int:
     if backend and s.get("n", 0):
         _upload_after_training(cfg, folder, backend, args.device)
     print(f"run folder: {folder}")
-    if not s.get("n", 0):  # every seed failed: nothing trained, say so in the exit code
-        args.failure = f"every seed failed ({summary['failed_seeds']}); see metrics.jsonl"
-        print(f"hil train: error: {args.failure}", file=sys.stderr)
-        return 1
+    if not s.get("n", 0):
+        return _every_seed_failed(args, summary["failed_seeds"])
     return 0
+
+
+def _every_seed_failed(args: argparse.Namespace, failed: Any) -> int:
+    """Nothing trained: say so on stderr and in the exit code (1); the CLI records the reason in
+    the run folder's status."""
+    args.failure = f"every seed failed ({failed}); see metrics.jsonl"
+    print(f"hil train: error: {args.failure}", file=sys.stderr)
+    return 1
 
 
 def _run_in_the_loop(args: argparse.Namespace, cfg: RunConfig) -> int:
@@ -196,11 +202,10 @@ def _run_in_the_loop(args: argparse.Namespace, cfg: RunConfig) -> int:
                                     monitor_every=args.monitor_every, monitor_ratio=args.monitor_ratio,
                                     progress=not args.no_progress)
     s = summary.get("test_on_device", {})
-    if not s.get("n", 0):  # every seed failed
-        args.failure = f"every seed failed ({summary.get('failed_seeds')}); see metrics.jsonl"
-        print(f"hil train: error: {args.failure}", file=sys.stderr)
+    if not s.get("n", 0):
+        rc = _every_seed_failed(args, summary.get("failed_seeds"))
         print(f"run folder: {folder}")
-        return 1
+        return rc
     print_summary(summary, folder)
     return 0
 
