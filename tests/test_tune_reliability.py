@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "2", "--set", "model.n_hidden=4", "--set", "model.n_layers=2",
         "--set", "train.batch_size=400", "--seeds", "0", "--no-progress"]
 BEAT = ["--heartbeat", "1", "--grace-period", "3"]
+#: TINY with first epochs long enough (18 updates of 16 neurons) that a poll every ~0.2 s sees a
+#: trial before its first report: with TINY's single update per epoch the window was missed
+#: once in CI
+LONGER_EPOCHS = [*TINY, "--set", "train.batch_size=50", "--set", "model.n_hidden=16"]
 
 
 def _hil(args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -70,7 +74,7 @@ def test_killed_worker_of_three_is_recovered_by_heartbeat(tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     env = {**os.environ, "HIL_RUNS": str(tmp_path / "runs")}
     n = 6
-    argv = ["tune", *TINY, *BEAT, "--storage", url, "--n-trials", str(n), "--batch", "1"]
+    argv = ["tune", *LONGER_EPOCHS, *BEAT, "--storage", url, "--n-trials", str(n), "--batch", "1"]
     a, b = _hil([*argv, "--name", "a"], env), _hil([*argv, "--name", "b"], env)
     try:
         _wait(lambda: _running_of(url, a.pid, fresh=True), 60, "a trial of worker a")
