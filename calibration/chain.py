@@ -3,13 +3,26 @@
 Model (per tone, from the reference map, thesis 3.5.2): a chain of N double-diode synapses,
 synapse j centred at z_j (where the reference diode resonates at the input frequency f_j) with
 its diodes at z_j -+ dz_j/2 (eq. 3.2 read as a difference, ERRATA), fed one tone of power
-P(f) = P0 r(f) (eq. 3.3 fitted from the map), each synapse receiving P(f)/N:
+P(f) = P0 r(f) (eq. 3.3 fitted from the map):
 
-    V_chain(f) = r(f) / N * sum_j [V_ref(f, z_j - dz_j/2) - V_ref(f, z_j + dz_j/2)]
+    V_chain(f) = r(f) * sum_j c_j [V_ref(f, z_j - dz_j/2) - V_ref(f, z_j + dz_j/2)]
+    c_j = 1 / (P_b^3 * sum_b' 1 / P_b')        (synapse j in block b of P_b synapses)
+
+The circuit law (``synapse_factors``; the virtual lab's ``sims.spindiode.chain_network`` is
+the same law, ``tests/test_thesis_anchors.py`` holds them equal): every diode is its emf
+behind its resistance; the RF current divides by conductance inside a block, so a diode of a
+block of P_b synapses (2 P_b diodes) dissipates P R / (4 P_b^2 R_chain), and the block's DC
+voltage is the *mean* of its diodes' emfs, the chain's the sum over blocks (eq. 3.1,
+Kirchhoff). V_ref is a reference device's voltage (two same-sign diodes in parallel, each
+dissipating half) halved (thesis 3.5.1). So c_j = 1/N for N synapses in series and 1/8 for
+the thesis's 2x2 chain: Algorithm 1's 1/N times eq. 3.2's printed 0.5 (two synapses averaged
+in a block). Counting a block's synapses as summed (the 1/N alone) overestimates a 2x2 chain
+by 2, which is what the lab measured before issue 21. It assumes the chain's resistance is
+the reference device's (R = R_synapse for M = P, thesis 3.7), so the bonds transmit alike.
 
 Algorithm 1 (the thesis stops after 4 passes; here 12 by default, as the strong overlap of
-neighbouring lines needs more to converge; the own-synapse term carries the same P(f_i)/N as the neighbours,
-ERRATA; the minimiser is a bounded scalar search per synapse) sets dz_i so that
+neighbouring lines needs more to converge; the own-synapse term carries the same P(f_i) c_j as the
+neighbours, ERRATA; the minimiser is a bounded scalar search per synapse) sets dz_i so that
 V_chain(f_i) = V_w=1 w_i, with V_w=1 = V_range / max|w| (the V_range constraint).
 
 Weights of a measured chain (thesis 3.6): w_i = V(f_i) / V_max. The thesis normalises by a
@@ -65,16 +78,38 @@ class ChainDesign:
         return out
 
 
+def default_blocks(n: int) -> list[list[int]]:
+    """Eq. 3.1's layout: sqrt(N) blocks in series of sqrt(N) synapses in parallel when N is a
+    square, else every synapse in series."""
+    half = int(round(np.sqrt(n)))
+    if half * half == n:
+        return [list(range(b * half, (b + 1) * half)) for b in range(half)]
+    return [[i] for i in range(n)]
+
+
+def synapse_factors(blocks: Sequence[Sequence[int]]) -> np.ndarray:
+    """c_j of the module doc: what synapse j's V_ref difference counts for in the chain's
+    voltage, for identical diodes (1/N in series, 1/8 for a 2x2 chain)."""
+    sizes = [len(b) for b in blocks]
+    inv_total = sum(1.0 / p for p in sizes)
+    out = np.zeros(sum(sizes))
+    for block, p in zip(blocks, sizes, strict=True):
+        out[list(block)] = 1.0 / (p ** 3 * inv_total)
+    return out
+
+
 def chain_voltage_v(v_ref: VRef, rescale: Callable[[np.ndarray], np.ndarray], freq_hz: np.ndarray,
-                    z_um: Sequence[float], dz_um: Sequence[float]) -> np.ndarray:
-    """The model chain voltage at ``freq_hz`` (see the module doc), in the map's volts at P0."""
+                    z_um: Sequence[float], dz_um: Sequence[float],
+                    blocks: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """The model chain voltage at ``freq_hz`` (see the module doc), in the map's volts at P0.
+    ``blocks``: the chain's layout (default ``default_blocks``)."""
     f = np.asarray(freq_hz, float)
-    n = len(z_um)
+    c = synapse_factors(default_blocks(len(z_um)) if not blocks else blocks)
     total = np.zeros_like(f)
-    for z, dz in zip(z_um, dz_um, strict=True):
-        total += (v_ref(f, np.full_like(f, 1e-3 * (z - dz / 2)))
-                  - v_ref(f, np.full_like(f, 1e-3 * (z + dz / 2))))
-    return total * np.asarray(rescale(f), float) / n
+    for cj, z, dz in zip(c, z_um, dz_um, strict=True):
+        total += cj * (v_ref(f, np.full_like(f, 1e-3 * (z - dz / 2)))
+                       - v_ref(f, np.full_like(f, 1e-3 * (z + dz / 2))))
+    return total * np.asarray(rescale(f), float)
 
 
 def design_chain(name: str, v_ref: VRef, rescale: Callable[[np.ndarray], np.ndarray],
@@ -94,11 +129,13 @@ def design_chain(name: str, v_ref: VRef, rescale: Callable[[np.ndarray], np.ndar
     n = len(f)
     dz = np.zeros(n)
     r = np.asarray(rescale(f), float)
+    blocks = default_blocks(n)
+    c = synapse_factors(blocks)  # the circuit law (module doc): 1/8 for 2x2, 1/N in series
 
     def v_syn(i: int, j: int, dz_j: float) -> float:
         fi = f[i:i + 1]
         return float((v_ref(fi, np.array([1e-3 * (z_um[j] - dz_j / 2)]))
-                      - v_ref(fi, np.array([1e-3 * (z_um[j] + dz_j / 2)])))[0] * r[i] / n)
+                      - v_ref(fi, np.array([1e-3 * (z_um[j] + dz_j / 2)])))[0] * r[i] * c[j])
 
     for _ in range(passes):
         for i in range(n):
@@ -110,12 +147,8 @@ def design_chain(name: str, v_ref: VRef, rescale: Callable[[np.ndarray], np.ndar
     dz = np.round(dz / (2 * grid_um)) * 2 * grid_um  # both diodes on the lithography grid
     design = ChainDesign(name, f.tolist(), w.tolist(), [float(z) for z in z_um], dz.tolist(),
                          float(v_range_v), float(v_w1))
-    design.predicted_w = (chain_voltage_v(v_ref, rescale, f, z_um, dz) / v_w1).tolist()
-    half = int(round(np.sqrt(n)))
-    if half * half == n:  # eq. 3.1: sqrt(N) blocks in series of sqrt(N) synapses in parallel
-        design.blocks = [list(range(b * half, (b + 1) * half)) for b in range(half)]
-    else:
-        design.blocks = [[i] for i in range(n)]
+    design.predicted_w = (chain_voltage_v(v_ref, rescale, f, z_um, dz, blocks) / v_w1).tolist()
+    design.blocks = blocks
     return design
 
 
@@ -301,10 +334,11 @@ def locate_chain(v_measured: np.ndarray, freq_hz: np.ndarray, design: ChainDesig
     shifts = np.arange(-span_mm, span_mm + 1e-9, step_mm)
     f = np.broadcast_to(np.asarray(freq_hz, float), (len(shifts), len(freq_hz)))
     model = np.zeros(f.shape)
-    for z, dz in zip(design.z_um, design.dz_um, strict=True):  # all shifts at once
+    c = synapse_factors(design.blocks or default_blocks(len(design.z_um)))
+    for cj, z, dz in zip(c, design.z_um, design.dz_um, strict=True):  # all shifts at once
         zc = 1e-3 * z + shifts[:, None] + np.zeros_like(f)
-        model += v_ref(f, zc - 0.5e-3 * dz) - v_ref(f, zc + 0.5e-3 * dz)
-    model *= np.asarray(rescale(np.asarray(freq_hz, float)), float) / len(design.z_um)
+        model += cj * (v_ref(f, zc - 0.5e-3 * dz) - v_ref(f, zc + 0.5e-3 * dz))
+    model *= np.asarray(rescale(np.asarray(freq_hz, float)), float)
     mm = np.einsum("ij,ij->i", model, model)
     scale = model @ v_measured / np.where(mm > 0, mm, 1.0)
     res = np.linalg.norm(v_measured - scale[:, None] * model, axis=1) / np.linalg.norm(v_measured)
@@ -318,12 +352,17 @@ def place_chain(lab: Any, port: int, design: ChainDesign, v_ref: VRef,
                 stage_ref_mm: float, direction: float = -1.0,
                 profile_freq_hz: Sequence[float] | None = None, fine_step_mm: float = 0.004,
                 fine_span_mm: float = 0.03, n_avg_fine: int = 4, max_profile_mw: float = 50.0,
+                search_mm: float = 1.5, search_step_mm: float = 0.25,
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Bring the chain to its design position (thesis 3.6: "manually optimised the position").
 
     1. A frequency sweep at ``stage_ref_mm`` located against the model profile (``locate_chain``)
        gives the glue error; the stage moves to compensate it, and the sweep is repeated there
-       until the chain is within 20 um of its design position (up to 4 sweeps).
+       until the chain is within 20 um of its design position (up to 4 sweeps). When the first
+       sweep does not fit the model (relative residual over 0.5: glued so far off that every
+       line is out of the band, and only the 1/df^2 tails of the double diodes are left), the
+       stage first looks for the chain: sweeps every ``search_step_mm`` within
+       ``+-search_mm`` of ``stage_ref_mm`` and starts from the loudest.
     2. A fine scan of the weight misfit at the input frequencies (``weight_metric``) around
        that point; a parabola through the minimum gives the stage z.
     """
@@ -334,10 +373,23 @@ def place_chain(lab: Any, port: int, design: ChainDesign, v_ref: VRef,
     p_profile = p0_mw * np.asarray(rescale(f))
     p_profile *= min(1.0, max_profile_mw / float(p_profile.max()))  # shape kept, level capped
     z_start = stage_ref_mm
-    for _ in range(4):  # far off, the chain's lines leave the band: locate again once closer
+    for attempt in range(4):  # far off, the chain's lines leave the band: locate again closer
         approach_z(stage, z_start)
         v = measure_profile_v(lab, port, f, p_profile)
         shift_mm, res = locate_chain(v, f, design, v_ref, rescale)
+        if attempt == 0 and res > 0.5 and search_mm > 0:
+            loudest = (float(np.sqrt(np.mean(v ** 2))), z_start)
+            for z in np.arange(stage_ref_mm - search_mm, stage_ref_mm + search_mm + 1e-9,
+                               search_step_mm):
+                approach_z(stage, float(z))
+                rms = float(np.sqrt(np.mean(measure_profile_v(lab, port, f, p_profile) ** 2)))
+                loudest = max(loudest, (rms, float(z)))
+            z_start = loudest[1]
+            say(f"{design.name}: no line in the band (residual {res:.2f}); loudest at stage z "
+                f"{z_start:.3f} mm")
+            approach_z(stage, z_start)
+            v = measure_profile_v(lab, port, f, p_profile)
+            shift_mm, res = locate_chain(v, f, design, v_ref, rescale)
         z_start -= shift_mm / direction
         say(f"{design.name}: profile says {1e3 * shift_mm:+.0f} um from design (residual "
             f"{res:.2f}); stage z {z_start:.3f} mm")

@@ -20,6 +20,7 @@ the multi-channel source.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,18 +108,87 @@ class Tracking:
     z_mm: list[float] = field(default_factory=list)
     v_max_v: list[float] = field(default_factory=list)
 
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict[str, Any]]) -> Tracking:
+        """The tracking of saved rows (``read_track_rows``, one chain, in input order)."""
+        out = cls()
+        for r in rows:
+            if r["optimised"]:
+                out.optimised_at.append(int(r["input"]))
+                out.z_mm.append(float(r["z_mm"]))
+                out.v_max_v.append(float(r["v_max_v"]))
+            out.input_index.append(int(r["input"]))
+            out.input_m.append(float(r["m"]))
+            out.lab_time_s.append(float(r["lab_time_s"]))
+        return out
+
+
+#: one row per tracked input, appended as it is measured (``--resume`` reads them back)
+TRACK_COLUMNS = ("chain", "input", "tone", "m", "lab_time_s", "z_mm", "v_max_v", "optimised", "session")
+
+
+def append_track_row(path: str | Path, row: dict[str, Any]) -> None:
+    """Append one input's record to the tracking CSV (header first) and flush it to disk."""
+    import os
+
+    path = Path(path)
+    fresh = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        if fresh:
+            writer.writerow(TRACK_COLUMNS)
+        writer.writerow([row["chain"]] + [repr(int(row[k])) if k in ("input", "tone", "optimised", "session")
+                                          else repr(float(row[k])) for k in TRACK_COLUMNS[1:]])
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_track_rows(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """Saved rows per chain, in input order; a torn last line (a killed writer) is cut off."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[:data.rfind(b"\n") + 1])
+    out: dict[str, list[dict[str, Any]]] = {}
+    with path.open(newline="") as fh:
+        for r in csv.DictReader(fh):
+            try:
+                row = {"chain": r["chain"], **{k: int(r[k]) for k in ("input", "tone", "session")},
+                       "optimised": bool(int(r["optimised"])),
+                       **{k: float(r[k]) for k in ("m", "lab_time_s", "z_mm", "v_max_v")}}
+            except (TypeError, ValueError, KeyError):
+                continue
+            out.setdefault(row["chain"], []).append(row)
+    for rows in out.values():
+        rows.sort(key=lambda r: r["input"])
+    return out
+
 
 def track(lab: Any, design: ChainDesign, measure: Measure, calibration_inputs_mw: np.ndarray,
           run_inputs_mw: np.ndarray, rescale_mw: np.ndarray, z_start_mm: float, *, every: int = 10,
           window_mm: float = 0.015, n_trials: int = 12, seed: int = 0,
-          between: Callable[[int], None] | None = None) -> Tracking:
+          between: Callable[[int], None] | None = None, start: int = 0,
+          lab_time_offset_s: float = 0.0,
+          on_input: Callable[[dict[str, Any]], None] | None = None) -> Tracking:
     """Process ``run_inputs_mw`` one set at a time, re-optimising z every ``every`` inputs in a
     window of +-``window_mm`` around the last optimum (thesis 4.7: every ten images).
-    ``between(i)`` runs after input ``i`` (e.g. the rest of the network's work, or waiting)."""
+    ``between(i)`` runs after input ``i`` (e.g. the rest of the network's work, or waiting).
+
+    Resuming: ``start`` skips the inputs before it (done in an earlier session) and
+    re-optimises at ``start`` whatever ``every`` says (the bench may have drifted meanwhile),
+    from ``z_start_mm`` (the last optimum). ``on_input(row)`` gets each input's record as soon
+    as it is measured (input, m, lab_time_s, z_mm, v_max_v, optimised); lab times are
+    ``lab_time_offset_s`` + the lab clock. The returned tracking holds this session's inputs.
+    """
     out = Tracking()
     z = z_start_mm
-    for i, row in enumerate(np.atleast_2d(run_inputs_mw)):
-        if i % every == 0:
+    rows = np.atleast_2d(run_inputs_mw)
+    for i in range(start, len(rows)):
+        row = rows[i]
+        optimised = i % every == 0 or i == start
+        if optimised:
             opt = optimise_z(lab, design, measure, calibration_inputs_mw, rescale_mw, z - window_mm,
                              z + window_mm, n_trials=n_trials, seed=seed + i)
             z = opt.stage_z_mm
@@ -130,7 +200,10 @@ def track(lab: Any, design: ChainDesign, measure: Measure, calibration_inputs_mw
         v_max = out.v_max_v[-1]
         out.input_index.append(i)
         out.input_m.append(float(abs(v[0] - v_max * s) / v_max))
-        out.lab_time_s.append(float(lab.clock.now_s()))
+        out.lab_time_s.append(lab_time_offset_s + float(lab.clock.now_s()))
+        if on_input is not None:
+            on_input({"input": i, "m": out.input_m[-1], "lab_time_s": out.lab_time_s[-1],
+                      "z_mm": z, "v_max_v": v_max, "optimised": optimised})
         if between is not None:
             between(i)
     return out

@@ -11,6 +11,15 @@ parallel, thesis 3.5.1), interpolates V_ref(f, z), finds the resonance frequency
 eq. 2.9 (Kittel) for the effective magnetisation and the field zero, and fits the power
 rescaling of eq. 3.3 from the map (thesis Fig. 3.8) instead of hard-coding it.
 
+What the Kittel fit can and cannot tell (issue 21, item 4): the map sees the field only as
+``gradient x (z0 - stage z)``, and at the map's fields (|H| <= ~250 Oe << M_eff ~ 10 kOe) eq. 2.9
+is f^2 = gamma^2 (H^2 + H M_eff) ~ gamma^2 H M_eff: the map constrains mostly gamma^2 M_eff
+(times the gradient), hardly gamma and M_eff apart (the H^2 term is ~2 % of f^2 at 250 Oe).
+So the gradient is taken from a measurement when there is one (``use_field_calibration``: the
+Hall-probe scan of ``calibration.field``), M_eff is reported for a *stated* gamma with its
+uncertainty (fit and gradient), together with how it moves with gamma (dM_eff/dgamma, M_eff at
+2.8 and 2.9 MHz/Oe, ~ M_eff gamma^-2) and a fit with gamma free that shows the degeneracy.
+
 Coordinates: ``stage_z_mm`` is what the z stage reads; ``z_mm`` is the device's position in the
 gradient relative to the field zero, ``z_mm = direction * (stage_z_mm - stage_z0_mm)``, where
 ``direction`` is the bench frame (-1 when the stage moves the magnet array, as in
@@ -32,7 +41,8 @@ from scipy.optimize import curve_fit
 
 CSV_COLUMNS = ("device", "stage_z_mm", "freq_hz", "power_dbm", "voltage_v", "offset_v", "lab_time_s")
 UNITS = {"device": "switch port label", "stage_z_mm": "mm", "freq_hz": "Hz", "power_dbm": "dBm",
-         "voltage_v": "V (RF on minus RF off)", "offset_v": "V (RF off)", "lab_time_s": "s"}
+         "voltage_v": "V (RF on minus RF off)", "offset_v": "V (RF off)",
+         "lab_time_s": "s (since the sweep started, summed over resumed sessions)"}
 #: gamma/2pi of Permalloy (documented default, ERRATA "not given"), the gradient (thesis 2.6.2)
 GAMMA_HZ_PER_OE = 2.9e6
 GRADIENT_OE_PER_MM = 140.0
@@ -106,13 +116,15 @@ def _key(device: str, stage_z_mm: float, freq_hz: float) -> tuple[str, int, int]
 
 def measure_reference_map(lab: Any, plan: SweepPlan, csv_path: str | Path, *,
                           progress: Callable[[int, int], None] | None = None,
-                          max_points: int | None = None) -> int:
+                          max_points: int | None = None, lab_time_offset_s: float = 0.0) -> int:
     """Measure (or resume) the map into ``csv_path``; returns the number of new points.
 
     ``lab`` gives drivers by role (``rf_source``, ``voltmeter``, ``switch``, ``stage.z``,
     optionally ``source_switch``) and ``sleep``. Stage z moves in increasing order only
     (no backlash reversal). RF is off on every exit path. ``max_points`` stops after that many
-    new points (for interrupted-sweep tests and dry runs).
+    new points (for interrupted-sweep tests and dry runs). The ``lab_time_s`` column is the
+    sweep's lab time: ``lab_time_offset_s`` (what earlier sessions of a resumed sweep used)
+    plus the time since this session started, so it keeps rising across resumes.
     """
     csv_path = Path(csv_path)
     meta_path = sidecar_path(csv_path)
@@ -132,6 +144,7 @@ def measure_reference_map(lab: Any, plan: SweepPlan, csv_path: str | Path, *,
     total = len(zs) * len(plan.devices) * len(plan.freq_hz)
     rf, nvm, switch, stage = lab["rf_source"], lab["voltmeter"], lab["switch"], lab["stage.z"]
     new = 0
+    session_start_s = float(lab.clock.now_s())
     fresh = not csv_path.exists() or csv_path.stat().st_size == 0
     try:
         rf.output_off()
@@ -164,7 +177,9 @@ def measure_reference_map(lab: Any, plan: SweepPlan, csv_path: str | Path, *,
                         rf.freq_hz = float(f)
                         v = nvm.read_voltage_v() - offset_v
                         writer.writerow([device, repr(z), repr(float(f)), repr(plan.power_dbm),
-                                         repr(v), repr(offset_v), repr(float(lab.clock.now_s()))])
+                                         repr(v), repr(offset_v),
+                                         repr(lab_time_offset_s + float(lab.clock.now_s())
+                                              - session_start_s)])
                         fh.flush()
                         new += 1
                         if progress is not None:
@@ -200,12 +215,44 @@ def resonance_from_curve(freq_hz: np.ndarray, v: np.ndarray) -> float | None:
     return None
 
 
+#: gamma/2pi values M_eff is always also reported at: Fig. 2.2's slope (2.8 MHz/Oe) and the
+#: documented default (2.9 MHz/Oe, ERRATA "not given").
+REPORT_GAMMAS_HZ_PER_OE = (2.8e6, 2.9e6)
+
+KITTEL_NOTE = ("at fields of +-250 Oe, f^2 = gamma^2 (H^2 + H M_eff) ~ gamma^2 H M_eff: the map "
+               "constrains mostly gamma^2 M_eff, not gamma and M_eff separately; M_eff is given "
+               "for the stated gamma (meff_at_gamma_oe and dmeff_dgamma show how it moves, "
+               "gamma_free the fit with gamma left free)")
+
+
 @dataclass
 class KittelFit:
+    """The Kittel fit of the map (eq. 2.9) for a stated gamma; see the module doc.
+
+    ``meff_sigma_oe`` is the total 1-sigma (fit and gradient uncertainty in quadrature); the
+    gamma dependence is not in it: it is ``dmeff_dgamma_oe_per_hz_per_oe`` (Oe per Hz/Oe) and
+    ``meff_at_gamma_oe`` ({gamma/2pi in Hz/Oe: M_eff in Oe}).
+    """
+
     meff_oe: float
     stage_z0_mm: float
     meff_sigma_oe: float
     n_points: int
+    gamma_hz_per_oe: float = 0.0
+    gradient_oe_per_mm: float = 0.0
+    gradient_sigma_oe_per_mm: float = 0.0
+    gradient_source: str = ""
+    meff_fit_sigma_oe: float = 0.0
+    meff_gradient_sigma_oe: float = 0.0
+    stage_z0_sigma_mm: float = 0.0
+    stage_z0_fixed: bool = False
+    probe_stage_z0_mm: float | None = None
+    dmeff_dgamma_oe_per_hz_per_oe: float = 0.0
+    meff_at_gamma_oe: dict[str, float] = field(default_factory=dict)
+    gamma2_meff_hz2_per_oe: float = 0.0
+    gamma2_meff_rel_sigma: float = 0.0
+    gamma_free: dict[str, float] | None = None
+    note: str = KITTEL_NOTE
 
 
 class ReferenceMap:
@@ -224,6 +271,13 @@ class ReferenceMap:
             grid[k] = r["voltage_v"]
         self.device_grid_v = grid / plan.diodes_per_device
         self.complete = bool(np.all(np.isfinite(grid)))
+        #: the field model: assumed from the plan until ``use_field_calibration``
+        self.gradient_oe_per_mm = float(plan.gradient_oe_per_mm)
+        self.gradient_sigma_oe_per_mm = 0.0
+        self.gradient_source = "assumed (sweep plan)"
+        self.gamma_hz_per_oe = float(plan.gamma_hz_per_oe)
+        self.fixed_stage_z0_mm: float | None = None
+        self.probe_stage_z0_mm: float | None = None
         #: the reference diode: mean of the devices (thesis Fig. 3.7, red)
         counts = np.isfinite(self.device_grid_v).sum(axis=0)
         sums = np.nansum(self.device_grid_v, axis=0)
@@ -243,29 +297,125 @@ class ReferenceMap:
         out = [resonance_from_curve(self.freq_hz, row) for row in self.v_ref]
         return np.array([np.nan if f is None else f for f in out])
 
-    def fit_kittel(self, min_field_oe: float = 40.0, max_field_oe: float = 320.0) -> KittelFit:
-        """Fit eq. 2.9 with H = G |z0 - z|: M_eff and the stage z of the field zero.
+    def use_field_calibration(self, gradient_oe_per_mm: float, gradient_sigma_oe_per_mm: float,
+                              *, probe_stage_z0_mm: float | None = None,
+                              device_offset_mm: float | None = None,
+                              source: str = "field probe") -> None:
+        """Use a measured gradient (e.g. ``calibration.field.FieldCalibration``) from now on.
 
-        Fields below ``min_field_oe`` (residual in-plane fields, unsaturated film) and above
-        ``max_field_oe`` (gradient no longer linear) are left out of the final fit.
+        ``probe_stage_z0_mm``: the stage z of the field zero at the probe (kept for the report).
+        With ``device_offset_mm`` (stage z of the devices' field zero minus the probe's, known
+        from the holder) the Kittel fit holds the field zero there instead of fitting it.
         """
+        for name, value in (("gradient_oe_per_mm", gradient_oe_per_mm),
+                            ("gradient_sigma_oe_per_mm", gradient_sigma_oe_per_mm)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if gradient_oe_per_mm == 0:
+            raise ValueError("gradient_oe_per_mm must be > 0")
+        if device_offset_mm is not None and probe_stage_z0_mm is None:
+            raise ValueError("device_offset_mm needs probe_stage_z0_mm (the probe's field zero)")
+        self.gradient_oe_per_mm = float(gradient_oe_per_mm)
+        self.gradient_sigma_oe_per_mm = float(gradient_sigma_oe_per_mm)
+        self.gradient_source = source
+        self.probe_stage_z0_mm = None if probe_stage_z0_mm is None else float(probe_stage_z0_mm)
+        self.fixed_stage_z0_mm = (None if device_offset_mm is None
+                                  else float(probe_stage_z0_mm) + float(device_offset_mm))
+        self.kittel = None
+
+    def _kittel_points(self) -> tuple[np.ndarray, np.ndarray]:
         fr = self.resonance_hz()
         ok = np.isfinite(fr)
         z, f = self.stage_z_mm[ok], fr[ok]
         if len(z) < 4:
             raise ValueError(f"only {len(z)} resonances in the band; widen the z or f range")
-        g, gamma = self.plan.gradient_oe_per_mm, self.plan.gamma_hz_per_oe
+        return z, f
 
-        def model(zz: np.ndarray, meff: float, z0: float) -> np.ndarray:
-            return kittel_hz(g * (z0 - zz), meff, gamma)
+    def _fit(self, z: np.ndarray, f: np.ndarray, gradient: float, gamma: float | None,
+             p0: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """curve_fit of eq. 2.9 over (M_eff[, z0][, gamma]): z0 unless held, gamma if None."""
+        z0_fixed = self.fixed_stage_z0_mm
 
-        p0 = [8000.0, float(z[int(np.argmin(f))])]
-        popt, _ = curve_fit(model, z, f, p0=p0, maxfev=20000)
-        h = np.abs(g * (popt[1] - z))
+        def model(zz: np.ndarray, *p: float) -> np.ndarray:
+            meff = p[0]
+            z0 = z0_fixed if z0_fixed is not None else p[1]
+            g = gamma if gamma is not None else p[-1]
+            return kittel_hz(gradient * (z0 - zz), meff, g)
+
+        import warnings
+
+        from scipy.optimize import OptimizeWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", OptimizeWarning)
+            popt, pcov = curve_fit(model, z, f, p0=list(p0), maxfev=20000)
+        return popt, pcov
+
+    def fit_kittel(self, min_field_oe: float = 40.0, max_field_oe: float = 320.0,
+                   gamma_hz_per_oe: float | None = None) -> KittelFit:
+        """Fit eq. 2.9 with H = G |z0 - z|: M_eff for a stated gamma, and the field zero.
+
+        ``gamma_hz_per_oe`` (default: the plan's) is the stated gamma/2pi; G is the measured
+        gradient after ``use_field_calibration``, else the plan's assumed one. Fields below
+        ``min_field_oe`` (residual in-plane fields, unsaturated film) and above
+        ``max_field_oe`` (gradient no longer linear) are left out of the final fit. At these
+        fields the map constrains mostly gamma^2 M_eff (see the module doc): the result gives
+        M_eff at the stated gamma, dM_eff/dgamma, M_eff at 2.8 and 2.9 MHz/Oe, and a fit with
+        gamma free. The stated gamma is kept (``gamma_hz_per_oe``) for the interpolation and
+        ``z_for_resonance_mm``, which then agree with this fit.
+        """
+        gamma = self.gamma_hz_per_oe if gamma_hz_per_oe is None else float(gamma_hz_per_oe)
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"gamma_hz_per_oe must be > 0, got {gamma_hz_per_oe!r}")
+        z, f = self._kittel_points()
+        g = self.gradient_oe_per_mm
+        held = self.fixed_stage_z0_mm is not None
+        z0_guess = self.fixed_stage_z0_mm if held else float(z[int(np.argmin(f))])
+        p0 = [8000.0] if held else [8000.0, z0_guess]
+        popt, _ = self._fit(z, f, g, gamma, p0)
+        z0 = self.fixed_stage_z0_mm if held else float(popt[1])
+        h = np.abs(g * (z0 - z))
         keep = (h > min_field_oe) & (h < max_field_oe)
-        popt, pcov = curve_fit(model, z[keep], f[keep], p0=popt, maxfev=20000)
-        self.kittel = KittelFit(float(popt[0]), float(popt[1]), float(math.sqrt(pcov[0, 0])),
-                                int(keep.sum()))
+        zk, fk = z[keep], f[keep]
+        if len(zk) < len(p0) + 2:
+            raise ValueError(f"only {len(zk)} resonances between {min_field_oe:g} and "
+                             f"{max_field_oe:g} Oe; widen the z range")
+        popt, pcov = self._fit(zk, fk, g, gamma, popt)
+        meff = float(popt[0])
+        z0 = self.fixed_stage_z0_mm if held else float(popt[1])
+
+        def meff_for(gradient: float, gam: float) -> float:
+            return float(self._fit(zk, fk, gradient, gam, popt)[0][0])
+
+        sg = self.gradient_sigma_oe_per_mm
+        meff_g = (abs(meff_for(g + sg, gamma) - meff_for(g - sg, gamma)) / 2 if sg > 0 else 0.0)
+        fit_sigma = float(math.sqrt(pcov[0, 0]))
+        dg = 1e-3 * gamma
+        dmeff = (meff_for(g, gamma + dg) - meff_for(g, gamma - dg)) / (2 * dg)
+        at_gamma = {f"{gm:.6g}": meff_for(g, gm)
+                    for gm in sorted({*REPORT_GAMMAS_HZ_PER_OE, gamma})}
+        total = math.hypot(fit_sigma, meff_g)
+        free = None
+        try:  # gamma free as well: how little the map says about gamma and M_eff apart
+            pf, cf = self._fit(zk, fk, g, None, [*popt, gamma])
+            if np.all(np.isfinite(cf)):
+                free = {"gamma_hz_per_oe": float(pf[-1]),
+                        "gamma_sigma_hz_per_oe": float(math.sqrt(cf[-1, -1])),
+                        "meff_oe": float(pf[0]), "meff_sigma_oe": float(math.sqrt(cf[0, 0])),
+                        "correlation": float(cf[0, -1] / math.sqrt(cf[0, 0] * cf[-1, -1]))}
+        except RuntimeError:  # no convergence: the degeneracy itself
+            free = None
+        self.gamma_hz_per_oe = gamma
+        self.kittel = KittelFit(
+            meff, float(z0), total, int(keep.sum()), gamma_hz_per_oe=gamma,
+            gradient_oe_per_mm=g, gradient_sigma_oe_per_mm=sg,
+            gradient_source=self.gradient_source, meff_fit_sigma_oe=fit_sigma,
+            meff_gradient_sigma_oe=float(meff_g),
+            stage_z0_sigma_mm=0.0 if held else float(math.sqrt(pcov[1, 1])),
+            stage_z0_fixed=held, probe_stage_z0_mm=self.probe_stage_z0_mm,
+            dmeff_dgamma_oe_per_hz_per_oe=float(dmeff), meff_at_gamma_oe=at_gamma,
+            gamma2_meff_hz2_per_oe=gamma ** 2 * meff, gamma2_meff_rel_sigma=total / meff,
+            gamma_free=free)
         return self.kittel
 
     def z_mm(self) -> np.ndarray:
@@ -276,7 +426,7 @@ class ReferenceMap:
         return self.plan.direction * (self.stage_z_mm - self.kittel.stage_z0_mm)
 
     def field_oe(self) -> np.ndarray:
-        return self.plan.gradient_oe_per_mm * self.z_mm()
+        return self.gradient_oe_per_mm * self.z_mm()
 
     # ---- interpolation V_ref(f, z)
 
@@ -291,7 +441,7 @@ class ReferenceMap:
         order = np.argsort(z)
         zg, rows = z[order], self.v_ref[order]
         assert self.kittel is not None
-        meff, g, gamma = self.kittel.meff_oe, self.plan.gradient_oe_per_mm, self.plan.gamma_hz_per_oe
+        meff, g, gamma = self.kittel.meff_oe, self.gradient_oe_per_mm, self.gamma_hz_per_oe
         fr_rows = kittel_hz(g * zg, meff, gamma)
         fgrid = self.freq_hz
 
@@ -320,10 +470,10 @@ class ReferenceMap:
         if self.kittel is None:
             self.fit_kittel()
         assert self.kittel is not None
-        f = np.asarray(freq_hz, float) / self.plan.gamma_hz_per_oe
+        f = np.asarray(freq_hz, float) / self.gamma_hz_per_oe
         m = self.kittel.meff_oe
         h = (-m + np.sqrt(m * m + 4 * f * f)) / 2
-        return sign * h / self.plan.gradient_oe_per_mm
+        return sign * h / self.gradient_oe_per_mm
 
     # ---- power rescaling (eq. 3.3, Fig. 3.8)
 

@@ -37,7 +37,8 @@ class SourceWiring:
     vco_source_port: int = 1                 # source selector: the VCO source
     generator_source_port: int = 2           # source selector: the precise generator
     analyzer_port: int = 4                   # output switch: the spectrum analyser
-    settle_s: float = 20.0                   # VCO stabilisation (thesis 4.7; ~2 s time constant)
+    settle_s: float = 20.0                   # VCO stabilisation (thesis 4.7): generous, the virtual
+    #                                          bench's lag is ~60 ms; calibration runs once
     n_avg: int = 16                          # analyser readings averaged per point
 
 

@@ -11,8 +11,10 @@ Imports nothing from the rest of the project.
 - ``spectrum_analyzer``: R&S FSV.
 - ``rf_switch``: Mini-Circuits RC-1SP4T-A18 (and ``SwitchGate``).
 - ``stages``: Newport SMC100 (ASCII), Thorlabs KDC101 (APT binary).
+- ``gaussmeter``: Lake Shore 425 (Hall probe; measures the field gradient).
 - ``recording``: record every exchange to JSON lines; replay a recorded session.
 - ``registry``: driver names used in lab configurations.
 
-The pyvisa-sim definitions of these instruments are in ``sims/visa/sim_lab.yaml``.
+The pyvisa-sim definitions of these instruments are in ``sims/visa/sim_lab.yaml`` (the
+gaussmeter's in ``sims/visa/lakeshore_425.yaml``).
 """

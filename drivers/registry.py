@@ -12,6 +12,7 @@ from typing import Any
 
 from drivers.base import Instrument, Limits
 from drivers.dc_source import Keithley2400, Keithley2401, RohdeSchwarzHMP4040
+from drivers.gaussmeter import LakeShore425
 from drivers.nanovoltmeter import Keithley2182A
 from drivers.oscillator_chip import OscillatorChipController
 from drivers.rf_source import KeysightN5183B, RohdeSchwarzSMB100A
@@ -30,6 +31,7 @@ DRIVERS: Mapping[str, type[Instrument]] = {
     "minicircuits_rc_1sp4t": MiniCircuitsRC1SP4T,
     "newport_smc100": NewportSMC100,
     "thorlabs_kdc101": ThorlabsKDC101,
+    "lakeshore_425": LakeShore425,
     "hil_oscillator_chip": OscillatorChipController,
 }
 

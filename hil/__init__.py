@@ -11,6 +11,7 @@ From Python (see :mod:`hil.api`)::
     run = hil.train(cfg)                  # a Run: run.folder, run.summary
     best = hil.tune(cfg, n_trials=20)     # Optuna search; best.folder / "best.yaml"
     chips = hil.upload(run.folder)        # the model-to-chip gap on simulated chips
+    loop = hil.train_in_the_loop(cfg, init=run.folder, estimator="twin:every=10")
     with hil.open_lab("lab_configs/virtual.yaml") as lab: ...
 
 ``hil.train`` and ``hil.tune`` are also the modules of the trainer and of the search
@@ -26,9 +27,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_config", "open_lab", "train", "tune", "upload"]
+__all__ = ["__version__", "load_config", "open_lab", "train", "train_in_the_loop", "tune", "upload"]
 
-_FUNCTIONS = ("load_config", "upload", "open_lab")
+_FUNCTIONS = ("load_config", "upload", "open_lab", "train_in_the_loop")
 _CALLABLE_MODULES = ("train", "tune")
 
 

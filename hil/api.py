@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from hil.config import RunConfig
     from hil.lab import Lab
 
-__all__ = ["Run", "load_config", "open_lab", "train", "tune", "upload"]
+__all__ = ["Run", "load_config", "open_lab", "train", "train_in_the_loop", "tune", "upload"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,33 @@ def train(config: RunConfig | str | Path, *, runs_dir: str | Path | None = None,
             summary = train_run(cfg, folder, progress=progress)
     finally:
         folder.close_sinks()
+    return Run(folder.path, summary)
+
+
+def train_in_the_loop(config: RunConfig | str | Path, *, backend: str = "sim", device: Iterable[str] = (),
+                      twin: str = "calibrated", init: str | Path | None = None, estimator: str | None = None,
+                      device_budget_s: float | None = None, curve_every: int = 0,
+                      runs_dir: str | Path | None = None, name: str | None = None,
+                      progress: bool = True) -> Run:
+    """Train with the chip in the loop, as ``hil train --backend NAME --in-the-loop``: one chip per
+    seed, ``estimator`` (``physics``, ``twin:every=K``, ``spsa:c=C,n=N``; see
+    :mod:`hil.estimators`), an optional ``device_budget_s`` per chip, from the weights of the
+    trained run ``init``."""
+    from hil.chip_in_loop import train_in_the_loop_run
+    from hil.estimators import make_estimator
+    from hil.runs import load_run
+
+    cfg = _config(config)
+    make_estimator(estimator)  # a wrong spec stops here, before any folder or chip
+    if init is not None:
+        p = Path(init)
+        load_run(p if p.is_dir() else p.parent)
+    folder = RunFolder.create("train-in-the-loop", runs_dir, name or cfg.task.name)
+    with tracked([folder]):
+        summary = train_in_the_loop_run(cfg, folder, backend, list(device), twin=twin,
+                                        init=None if init is None else str(init), progress=progress,
+                                        estimator=estimator, device_budget_s=device_budget_s,
+                                        curve_every=curve_every)
     return Run(folder.path, summary)
 
 

@@ -20,7 +20,9 @@ unchanged (rollback, per-trial learning rates, per-epoch evaluation, now measure
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ from torch import nn
 from hil.backends import Backend, Measurement, layers_from_tensors, make_backend
 from hil.config import ModelConfig, RunConfig, TrainConfig
 from hil.errors import ConfigError
+from hil.estimators import Estimator, PhysicsAware, make_estimator
 from hil.model import DynamicalNetwork, State
 from hil.runs import RunFolder
 from hil.tasks import Task
@@ -116,7 +119,7 @@ class ChipInTheLoop(nn.Module):
     pass is measured on one backend per trial (``backends[k]`` is trial ``k``'s chip)."""
 
     def __init__(self, twin: DynamicalNetwork, backends: list[Backend],
-                 monitor: TwinMonitor | None = None) -> None:
+                 monitor: TwinMonitor | None = None, estimator: Estimator | None = None) -> None:
         super().__init__()
         if len(backends) != twin.K:
             raise ConfigError("--backend", f"one backend per trial is needed: {twin.K} trials, "
@@ -135,6 +138,14 @@ class ChipInTheLoop(nn.Module):
         self.nonfinite_backward = 0
         self.last_filtered: torch.Tensor | None = None
         self._uploaded: list[tuple[torch.Tensor, ...] | None] = [None] * twin.K
+        self.estimator = estimator if estimator is not None else PhysicsAware()
+        self.chip_steps = 0  # training steps that ran the chip
+        self.twin_steps = 0  # training steps on the twin alone (no device time)
+        # device time spent measuring the test split (reporting only: not part of the budget)
+        self.test_time_s = [0.0] * twin.K
+        # trials whose chip is still used; a stopped trial's chip is left idle (its states come
+        # from the twin), so that it spends no more device time
+        self.active: torch.Tensor = torch.ones(twin.K, dtype=torch.bool)
 
     # ---------------------------------------------------------------- what the trainer uses
     kind = property(lambda self: self.twin.kind)
@@ -176,7 +187,10 @@ class ChipInTheLoop(nn.Module):
                 self.monitor.check(self.twin, self.backends, self.steps)
                 self.invalidate()
         tw = self.twin
-        xs = ChipFunction.apply(self, u.contiguous(), tw.W_in, tw.W_rec, tw.bias)
+        if torch.is_grad_enabled():
+            xs = self.estimator.forward(self, u.contiguous())
+        else:  # evaluation: always measured on the chip
+            xs = ChipFunction.apply(self, u.contiguous(), tw.W_in, tw.W_rec, tw.bias)
         y_last = (self.last_filtered[:, :, -1] if self.last_filtered is not None
                   else torch.zeros_like(xs[:, :, -1]))
         return xs, State(xs[:, :, -1], y_last)
@@ -189,8 +203,16 @@ class ChipInTheLoop(nn.Module):
         tw = self.twin
         Wm = W_rec * tw.mask
         xs_all, ys_all = [], []
+        idle_ys: list[torch.Tensor] = []
         free = None
         for k, be in enumerate(self.backends):
+            if not bool(self.active[k]):  # stopped: the chip stays idle, the twin stands in
+                if free is None:
+                    free, _ = tw(u)
+                xs_all.append(free[k].clone())
+                ys_all.append(idle := torch.zeros_like(free[k]))
+                idle_ys.append(idle)
+                continue
             cur = (W_in[k].detach(), Wm[k].detach(), bias[k].detach())
             last = self._uploaded[k]
             if last is None or not all(torch.equal(a, b) for a, b in zip(cur, last, strict=True)):
@@ -208,14 +230,63 @@ class ChipInTheLoop(nn.Module):
                 xs_all.append(x)
                 ys_all.append(None)  # type: ignore[arg-type]
         xs = torch.stack(xs_all)
-        ys = torch.stack(ys_all) if all(y is not None for y in ys_all) else None
+        measured_ys = [y for y in ys_all if not any(y is i for i in idle_ys)]
+        # an idle trial's filter outputs are placeholders; they count only if a chip measured some
+        ys = (torch.stack(ys_all) if measured_ys and all(y is not None for y in ys_all) else None)
         self.last_filtered = ys
         return xs, ys
 
     def device_counters(self, k: int) -> dict[str, float]:
+        """Trial ``k``'s chip use: ``device_time_s`` everything the chip spent (calibration,
+        uploads, relaxation, runs), ``train_device_time_s`` the same without measuring the test
+        split (what a training budget counts)."""
         c = self.backends[k].counters
         return {"device_runs": c["runs"], "device_uploads": c["uploads"],
-                "device_sequences": c["sequences"], "device_time_s": c["device_time_s"]}
+                "device_sequences": c["sequences"], "device_time_s": c["device_time_s"],
+                "upload_time_s": c["upload_time_s"], "train_device_time_s": self.train_time_s(k)}
+
+    def train_time_s(self, k: int) -> float:
+        return float(self.backends[k].counters["device_time_s"] - self.test_time_s[k])
+
+    @contextlib.contextmanager
+    def measuring_test(self) -> Iterator[None]:
+        """Device time spent inside the block is reporting, not training (``test_time_s``)."""
+        before = [be.counters["device_time_s"] for be in self.backends]
+        try:
+            yield
+        finally:
+            for k, be in enumerate(self.backends):
+                self.test_time_s[k] += be.counters["device_time_s"] - before[k]
+
+    # ---------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        """Counters, what is on each chip, the estimator's and the monitor's state and each
+        backend's (:meth:`hil.backends.Backend.state`): tensors and plain data."""
+        return {"steps": self.steps, "backward_calls": self.backward_calls,
+                "nonfinite_backward": self.nonfinite_backward, "chip_steps": self.chip_steps,
+                "twin_steps": self.twin_steps, "test_time_s": list(self.test_time_s),
+                "active": self.active.clone(),
+                "uploaded": [None if u is None else list(u) for u in self._uploaded],
+                "estimator": self.estimator.state(),
+                "monitor": None if self.monitor is None else {
+                    "baseline": {str(k): v for k, v in self.monitor.baseline.items()},
+                    "recalibrations": self.monitor.recalibrations},
+                "backends": [be.state() for be in self.backends]}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for key in ("steps", "backward_calls", "nonfinite_backward", "chip_steps", "twin_steps"):
+            setattr(self, key, int(state[key]))
+        self.test_time_s = [float(v) for v in state["test_time_s"]]
+        self.active = state["active"].clone()
+        self.estimator.load_state(state["estimator"])
+        if self.monitor is not None and state["monitor"] is not None:
+            self.monitor.baseline = {int(k): float(v) for k, v in state["monitor"]["baseline"].items()}
+            self.monitor.recalibrations = int(state["monitor"]["recalibrations"])
+        for k, (be, st) in enumerate(zip(self.backends, state["backends"], strict=True)):
+            same_chip = st is not None and be.load_state(st)
+            # a chip that could not be put back as it was gets the parameters uploaded again
+            u = state["uploaded"][k]
+            self._uploaded[k] = tuple(u) if same_chip and u is not None else None
 
 
 class TwinTrainer(Trainer):
@@ -245,13 +316,23 @@ class ChipInTheLoopTrainer(Trainer):
     """:class:`~hil.train.Trainer` with the forward pass on ``backends`` (one per trial).
 
     ``init``: a DynamicalNetwork state dict (e.g. off-chip trained weights) to start from;
-    ``twins``: per-trial twin physics for the backward pass (default: the nominal model)."""
+    ``twins``: per-trial twin physics for the backward pass (default: the nominal model);
+    ``estimator``: how the chip's parameters get their gradient (:mod:`hil.estimators`).
+
+    Device time is a budget (issue 22): ``device_budget_s`` stops each trial once its chip has
+    spent that much on training (calibration, uploads, relaxation and runs; measuring the test
+    split is reporting and not counted) and puts back its best weights so far (by the
+    validation metric measured on the chip, or the training metric where there is no validation
+    split). ``curve_every``: also measure the test split every that many updates, so that
+    accuracy versus device time has more points than epochs (``curve`` records in the log)."""
 
     def __init__(self, model_cfgs: list[ModelConfig], train_cfgs: list[TrainConfig], seeds: list[int],
                  task: Task, backends: list[Backend], twins: list[TwinParameters] | None = None,
                  init: dict[str, torch.Tensor] | None = None, monitor: TwinMonitor | None = None,
                  log: Callable[[dict[str, Any]], None] | None = None, progress: bool = True,
-                 label: str = "chip-in-the-loop") -> None:
+                 label: str = "chip-in-the-loop", estimator: Estimator | str | None = None,
+                 device_budget_s: float | None = None, curve_every: int = 0,
+                 checkpoint: Callable[[dict[str, Any]], None] | None = None) -> None:
         user_log = log
 
         def with_counters(rec: dict[str, Any]) -> None:
@@ -260,12 +341,127 @@ class ChipInTheLoopTrainer(Trainer):
             if user_log:
                 user_log(rec)
 
+        if device_budget_s is not None and not device_budget_s > 0:
+            raise ConfigError("--device-budget", f"must be > 0 seconds, got {device_budget_s}")
+        if curve_every < 0:
+            raise ConfigError("--curve-every", f"must be >= 0, got {curve_every}")
         super().__init__(model_cfgs, train_cfgs, seeds, task, log=with_counters, progress=progress,
-                         label=label)
+                         label=label, checkpoint=checkpoint)
         twin = self.net
         _prepare(twin, init, twins)
-        self.net = ChipInTheLoop(twin, backends, monitor)  # type: ignore[assignment]
+        if not isinstance(estimator, Estimator):
+            estimator = make_estimator(estimator, seed=seeds[0])
+        self.net = ChipInTheLoop(twin, backends, monitor, estimator)  # type: ignore[assignment]
+        self.loop: ChipInTheLoop = self.net  # type: ignore[assignment]
+        self.loop.active = self.active  # the same tensor: a stopped trial's chip goes idle
+        self.device_budget_s = device_budget_s
+        self.curve_every = int(curve_every)
+        self.updates = 0
+        self.curve: list[dict[str, Any]] = []
         self._snapshot()
+        # the best weights so far, by the chip-measured score (the start counts as -inf)
+        self.best_score = [-float("inf")] * self.K
+        self.best_params = [self._trial_state(k)[0] for k in range(self.K)]
+        self.budget_stopped: list[int] = []
+        self.user_log = user_log
+
+    # ------------------------------------------------------------- device time
+    def _progress_extra(self) -> str:
+        t = [self.loop.train_time_s(k) for k in range(self.K)]
+        budget = f" of {self.device_budget_s:g}" if self.device_budget_s is not None else ""
+        return f", device {max(t):.2f}{budget} s/chip"
+
+    def _evaluate(self, split: str) -> dict[str, torch.Tensor]:
+        if split != "test":
+            return super()._evaluate(split)
+        with self.loop.measuring_test():
+            return super()._evaluate(split)
+
+    def _after_update(self, epoch: int) -> None:
+        self.updates += 1
+        if self.device_budget_s is not None:
+            for k in range(self.K):
+                if self.active[k] and self.loop.train_time_s(k) >= self.device_budget_s:
+                    self._stop_on_budget(k, epoch)
+        if self.curve_every and self.updates % self.curve_every == 0 and self.active.any():
+            self._curve_point(epoch)
+
+    def _curve_point(self, epoch: int) -> None:
+        """Measure the test split now (not counted in the budget) and log one point per trial."""
+        metric = self.task.metric_name
+        ev = self._evaluate("test")
+        for k, seed in enumerate(self.seeds):
+            if not self.active[k]:  # a stopped trial's last point is its final one (fit)
+                continue
+            rec = {"event": "curve", "epoch": epoch, "update": self.updates, "seed": seed, "trial": k,
+                   f"test_{metric}": float(ev["metric"][k]),
+                   "train_device_time_s": self.loop.train_time_s(k)}
+            self.curve.append(rec)
+            if self.user_log:
+                self.user_log(rec)
+
+    @torch.no_grad()
+    def _stop_on_budget(self, k: int, epoch: int) -> None:
+        self.active[k] = False
+        st = self.statuses[k]
+        st.status = "budget"
+        st.events.append(f"epoch {epoch}: device budget of {self.device_budget_s:g} s spent "
+                         f"({self.loop.train_time_s(k):.3f} s); best weights so far put back")
+        for n, p in self.net.named_parameters():
+            p[k].copy_(self.best_params[k][n])
+        self.budget_stopped.append(k)
+
+    def _epoch_done(self, epoch: int, evals: dict[str, dict[str, torch.Tensor]],
+                    train_metric: torch.Tensor) -> None:
+        score = evals["val"]["metric"] if "val" in evals else train_metric
+        for k in range(self.K):
+            if self.active[k] and float(score[k]) > self.best_score[k]:
+                self.best_score[k] = float(score[k])
+                self.best_params[k] = self._trial_state(k)[0]
+        metric = self.task.metric_name
+        for k, seed in enumerate(self.seeds):
+            if self.active[k]:
+                rec = {"event": "curve", "epoch": epoch, "update": self.updates, "seed": seed, "trial": k,
+                       f"test_{metric}": float(evals["test"]["metric"][k]),
+                       "train_device_time_s": self.loop.train_time_s(k), "epoch_end": True}
+                self.curve.append(rec)
+
+    def fit(self) -> TrainResult:
+        result = super().fit()
+        if self.budget_stopped:  # the final records: the put-back best weights, measured on the chip
+            metric = self.task.metric_name
+            ev = self._evaluate("test")
+            for k in self.budget_stopped:
+                f = result.final[k]
+                f[f"test_{metric}"] = float(ev["metric"][k])
+                f["test_loss"] = float(ev["loss"][k])
+                rec = {"event": "curve", "epoch": f["epoch"], "update": self.updates, "seed": self.seeds[k],
+                       "trial": k, f"test_{metric}": f[f"test_{metric}"],
+                       "train_device_time_s": self.loop.train_time_s(k), "final": True}
+                self.curve.append(rec)
+                if self.user_log:
+                    self.user_log(rec)
+        return result
+
+    # ------------------------------------------------------------- checkpoint / resume
+    def resume_state(self, next_epoch: int, seconds: float = 0.0) -> dict[str, Any]:
+        st = super().resume_state(next_epoch, seconds)
+        st["chip"] = {"loop": self.loop.state(), "updates": self.updates,
+                      "curve": copy.deepcopy(self.curve), "best_score": list(self.best_score),
+                      "best_params": [dict(b) for b in self.best_params],
+                      "budget_stopped": list(self.budget_stopped)}
+        return st
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        super().load_resume_state(state)
+        c = state["chip"]
+        self.loop.load_state(c["loop"])
+        self.loop.active = self.active
+        self.updates = int(c["updates"])
+        self.curve = list(c["curve"])
+        self.best_score = [float(v) for v in c["best_score"]]
+        self.best_params = [dict(b) for b in c["best_params"]]
+        self.budget_stopped = [int(k) for k in c["budget_stopped"]]
 
 
 @torch.no_grad()
@@ -282,34 +478,55 @@ def load_parameters(net: DynamicalNetwork, state: dict[str, torch.Tensor]) -> No
 
 # ----------------------------------------------------------------------------- the job
 
+#: what ``hil train --in-the-loop`` keeps beside the config, so that ``--resume`` rebuilds the same run
+LOOP_SETTINGS = ("backend", "device", "twin", "init", "monitor_every", "monitor_ratio", "estimator",
+                 "device_budget_s", "curve_every")
+
+
 def train_in_the_loop_run(cfg: RunConfig, folder: RunFolder, backend: str,
                           device: list[str] | dict[str, Any] | None = None, twin: str = "calibrated",
                           init: str | None = None, monitor_every: int = 0, monitor_ratio: float = 1.5,
-                          progress: bool = True) -> dict[str, Any]:
+                          progress: bool = True, estimator: str | None = None,
+                          device_budget_s: float | None = None, curve_every: int = 0,
+                          resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``cfg``'s seeds with the chip in the loop (one simulated chip per seed, drawn with
     that seed); write metrics (with device counters), twin calibrations and events, the final
-    sim-to-real report and the checkpoint of the twin to ``folder``."""
-    from hil.commands.analyse import load_run
-    from hil.experiment import save_checkpoint
+    sim-to-real report and the checkpoint of the twin to ``folder``.
+
+    Every epoch ends with ``checkpoint.pt`` (the trainer, the twin, the estimator and each chip's
+    state as far as the backend can give it: the simulated chip entirely, so that a resumed run
+    on it ends with the same weights as an uninterrupted one). ``resume``: such a checkpoint
+    (from :func:`hil.experiment.check_resume`); the run goes on in its own folder with its own
+    settings, without calibrating again (the twin is in the checkpoint)."""
+    from hil.experiment import CHECKPOINT_FILE, CHECKPOINT_FORMAT, plain, resume_trainer, save_checkpoint
+    from hil.runs import load_run
     from hil.study import sim_to_real_report
     from hil.tasks import make_task
     from hil.train import summarize
 
     if twin not in ("nominal", "calibrated"):
         raise ConfigError("--twin", f"unknown twin {twin!r}; allowed: nominal, calibrated")
+    make_estimator(estimator)  # a wrong --estimator stops here, before any chip is opened
+    settings = {"backend": backend, "device": plain(device), "twin": twin, "init": init,
+                "monitor_every": monitor_every, "monitor_ratio": monitor_ratio, "estimator": estimator,
+                "device_budget_s": device_budget_s, "curve_every": curve_every}
     torch.manual_seed(cfg.seeds[0])
-    folder.write_config(cfg.to_dict())
+    if resume is None:
+        folder.write_config(cfg.to_dict())
+        folder.write_json("loop_settings.json", settings)
     task = make_task(cfg.task, cfg.train.output_gain)
     K = len(cfg.seeds)
     backends = [make_backend(backend, cfg.model, task.n_in, task.input_centre, s, device) for s in cfg.seeds]
-    folder.write_json("backends.json", [b.describe() for b in backends])
+    if resume is None:
+        folder.write_json("backends.json", [b.describe() for b in backends])
+    config = plain(cfg.to_dict())
     try:
         twins = None
-        if twin == "calibrated":
+        init_state = None
+        if resume is None and twin == "calibrated":
             twins = [calibrate(be, cfg.model) for be in backends]
             folder.write_json("twin_calibration.json", [t.to_dict() for t in twins])
-        init_state = None
-        if init:
+        if init and resume is None:
             from pathlib import Path
 
             p = Path(init)
@@ -325,10 +542,19 @@ def train_in_the_loop_run(cfg: RunConfig, folder: RunFolder, backend: str,
                 folder.append_metrics(rec, "twin_events.jsonl")
 
             monitor = TwinMonitor(probe=probe, every=monitor_every, ratio=monitor_ratio, on_event=on_event)
+
+        def checkpoint(state: dict[str, Any]) -> None:
+            folder.save_torch(CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, "mode": "chip-in-the-loop",
+                                                "config": config, "loop": settings, "trainer": state})
+
         trainer = ChipInTheLoopTrainer([cfg.model] * K, [cfg.train] * K, cfg.seeds, task, backends,
                                        twins=twins, init=init_state, monitor=monitor,
                                        log=folder.append_metrics, progress=progress,
-                                       label=f"{cfg.task.name} chip-in-the-loop x{K}")
+                                       label=f"{cfg.task.name} chip-in-the-loop x{K}", estimator=estimator,
+                                       device_budget_s=device_budget_s, curve_every=curve_every,
+                                       checkpoint=checkpoint)
+        if resume is not None:
+            resume_trainer(trainer, resume, folder)
         result = trainer.fit()
         loop: ChipInTheLoop = result.net  # type: ignore[assignment]
         metric = task.metric_name
@@ -336,21 +562,31 @@ def train_in_the_loop_run(cfg: RunConfig, folder: RunFolder, backend: str,
         twin_result = TrainResult(loop.twin, result.history, result.final, result.statuses, result.seconds)
         save_checkpoint(twin_result, cfg, folder.file("model.pt"))
         folder.write_json("final.json", result.final)
-        report = sim_to_real_report(loop.twin, task, backends, folder)
+        with loop.measuring_test():
+            report = sim_to_real_report(loop.twin, task, backends, folder)
         summary = {
             "task": cfg.task.name, "mode": "chip-in-the-loop", "backend": backend, "twin": twin,
+            "estimator": loop.estimator.report(), "device_budget_s": device_budget_s,
+            "budget_stopped_seeds": [cfg.seeds[k] for k in trainer.budget_stopped],
             "metric": metric, "test_on_device": summarize([f[f"test_{metric}"] for f in ok]),
             "failed_seeds": [f["seed"] for f in result.final if f["status"] == "failed"],
             "train_seconds": result.seconds,
             "device": [loop.device_counters(k) for k in range(K)],
+            "chip_steps": loop.chip_steps, "twin_steps": loop.twin_steps,
             "backward_calls": loop.backward_calls, "nonfinite_backward": loop.nonfinite_backward,
             "twin_recalibrations": monitor.recalibrations if monitor else 0,
             "sim_to_real": report["summary"],
         }
         folder.write_json("summary.json", summary)
+        folder.write_json("device_time_curve.json", trainer.curve)
         from hil import plots
 
         plots.accuracy_curves(result.history, metric, folder.file("accuracy.png"))
+        if trainer.curve:
+            plots.device_time_curves({loop.estimator.spec(): trainer.curve}, metric,
+                                     folder.file("device_time.png"),
+                                     title=f"{cfg.task.name}: accuracy vs device time")
+        folder.file(CHECKPOINT_FILE).unlink(missing_ok=True)  # model.pt and the results are written
         return summary
     finally:
         for be in backends:
@@ -366,5 +602,12 @@ def print_summary(summary: dict[str, Any], folder: RunFolder) -> None:
     dev = summary["device"]
     print(f"device: {int(np.sum([d['device_runs'] for d in dev]))} runs, "
           f"{int(np.sum([d['device_uploads'] for d in dev]))} uploads, "
-          f"{np.sum([d['device_time_s'] for d in dev]):.3f} s of device time")
+          f"{np.sum([d['device_time_s'] for d in dev]):.3f} s of device time "
+          f"({np.sum([d['train_device_time_s'] for d in dev]):.3f} s for training, uploads "
+          f"{np.sum([d['upload_time_s'] for d in dev]):.3f} s of it); estimator "
+          f"{summary['estimator']['estimator']}: {summary['chip_steps']} chip steps, "
+          f"{summary['twin_steps']} twin steps")
+    if summary.get("budget_stopped_seeds"):
+        print(f"device budget of {summary['device_budget_s']:g} s reached by seeds "
+              f"{summary['budget_stopped_seeds']}: their best weights so far were kept")
     print(f"run folder: {folder}")

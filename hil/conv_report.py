@@ -12,6 +12,7 @@ matplotlib is imported inside the plotting functions only; figures are drawn wit
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -397,3 +398,204 @@ def write_report_markdown(
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, "\n".join(lines))
     return path
+
+
+# --------------------------------------------------------------------------- the deploy report
+
+#: two-sided 95 % normal quantile
+_Z95 = 1.959963984540054
+_PLAN_TITLES = {"planned": "measurement plan", "algorithm3": "Algorithm 3 as written"}
+
+
+def wilson_interval(p: float, n: int, z: float = _Z95) -> tuple[float, float]:
+    """Wilson score interval (95 % by default) of a proportion ``p`` observed on ``n`` trials,
+    as fractions. ``p`` may be a mean of per-trial probabilities (noisy software: the mean
+    over its passes); the interval then counts the images as the trials."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be a fraction in [0, 1], got {p}")
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
+def accuracy_rows(accuracies: dict[str, tuple[float, int]]) -> dict[str, dict[str, Any]]:
+    """``{name: (accuracy fraction, images)}`` -> a table in percent with the 95 % Wilson
+    interval of each (:func:`wilson_interval`)."""
+    out = {}
+    for name, (acc, n) in accuracies.items():
+        lo, hi = wilson_interval(float(acc), int(n))
+        out[name] = {"accuracy (%)": f"{100 * float(acc):.1f}",
+                     "95 % CI (%)": f"{100 * lo:.1f} - {100 * hi:.1f}", "images": int(n)}
+    return out
+
+
+def effective_weights(mac_hw: np.ndarray, patches: np.ndarray, measured: np.ndarray | None = None
+                      ) -> np.ndarray | None:
+    """The weights each hardware kernel acted with: least squares of its MAC outputs
+    (N, K, H, W) on the input patches (N, H, W, n_inputs), over the measured patches (all when
+    ``measured`` is None). (K, n_inputs), or None when the patches do not determine them."""
+    hw = np.asarray(mac_hw, float)
+    p = np.asarray(patches, float)
+    sel = np.ones(p.shape[:3], bool) if measured is None else np.asarray(measured, bool)
+    a = p[sel]                                             # (M, n_inputs)
+    if a.shape[0] < a.shape[1] or np.linalg.matrix_rank(a) < a.shape[1]:
+        return None
+    b = hw.transpose(0, 2, 3, 1)[sel]                      # (M, K)
+    return np.linalg.lstsq(a, b, rcond=None)[0].T
+
+
+def weight_error_rows(targets: dict[str, list[float]], weights: dict[str, list[float]]
+                      ) -> dict[str, dict[str, Any]]:
+    """Per chain: mean and largest |w - target| in % of w = 1 (thesis table 3.1) and in % of
+    the chain's largest |target|; plus an ``all`` row over every synapse."""
+    out: dict[str, dict[str, Any]] = {}
+    every, every_rel = [], []
+    for name, t in targets.items():
+        if name not in weights:
+            continue
+        t_arr, w_arr = np.asarray(t, float), np.asarray(weights[name], float)
+        dw = np.abs(w_arr - t_arr)
+        rel = dw / max(float(np.abs(t_arr).max()), 1e-12)
+        every += dw.tolist()
+        every_rel += rel.tolist()
+        out[name] = {"mean |dw| (% of w=1)": round(100 * float(dw.mean()), 2),
+                     "max |dw| (% of w=1)": round(100 * float(dw.max()), 2),
+                     "mean |dw| (% of max |w|)": round(100 * float(rel.mean()), 2),
+                     "weights": "[" + ", ".join(f"{x:+.4f}" for x in w_arr) + "]",
+                     "targets": "[" + ", ".join(f"{x:+.4f}" for x in t_arr) + "]"}
+    if every:
+        out["all"] = {"mean |dw| (% of w=1)": round(100 * float(np.mean(every)), 2),
+                      "max |dw| (% of w=1)": round(100 * float(np.max(every)), 2),
+                      "mean |dw| (% of max |w|)": round(100 * float(np.mean(every_rel)), 2),
+                      "weights": "", "targets": ""}
+    return out
+
+
+def _reference_map_lab_time_s(path: Path) -> float | None:
+    """The lab time of a reference map measured in the run (its ``lab_time_s`` column)."""
+    import csv
+
+    if not path.exists():
+        return None
+    with path.open(newline="") as fh:
+        times = [float(r["lab_time_s"]) for r in csv.DictReader(fh) if r.get("lab_time_s")]
+    return max(times) if times else None
+
+
+def _hours(s: float) -> str:
+    return f"{s:.0f} s ({s / 3600:.2f} h)"
+
+
+def lab_time_sections(results: dict[str, Any], reference_map_s: float | None = None
+                      ) -> dict[str, Any]:
+    """The total lab time and its breakdown: the reference map (a separate session), the
+    calibration and placement before inference, each plan; then each plan by operation kind."""
+    plans = results["plans"]
+    total_plans = {k: float(v["lab_s_per_image"]) * int(v["images"]) for k, v in plans.items()}
+    session = float(results.get("lab_time_total_s", sum(total_plans.values())))
+    parts: dict[str, float] = {}
+    if reference_map_s is not None:
+        parts["reference map (its own session)"] = reference_map_s
+    parts["source calibration, settling, placement"] = max(0.0, session - sum(total_plans.values()))
+    for k, s in total_plans.items():
+        parts[f"inference, {_PLAN_TITLES.get(k, k)} ({plans[k]['images']} image(s))"] = s
+    total = sum(parts.values())
+    table = {name: {"lab time (s)": f"{s:.0f}", "lab time (h)": f"{s / 3600:.3f}",
+                    "share (%)": f"{100 * s / total:.1f}" if total > 0 else None}
+             for name, s in parts.items()}
+    table["total"] = {"lab time (s)": f"{total:.0f}", "lab time (h)": f"{total / 3600:.3f}",
+                      "share (%)": "100.0"}
+    out: dict[str, Any] = {f"Lab time: {_hours(total)} in total": table}
+    for k, v in plans.items():
+        n = int(v["images"])
+        kinds = dict(sorted(v["time_s_per_image"].items(), key=lambda kv: -kv[1]))
+        plan_total = sum(kinds.values()) * n
+        out[f"Lab time by operation kind, {_PLAN_TITLES.get(k, k)} ({n} image(s), "
+            f"{_hours(plan_total)})"] = {
+            kind: {"total (s)": f"{s * n:.1f}", "per image (s)": f"{s:.2f}",
+                   "share (%)": f"{100 * s * n / plan_total:.1f}" if plan_total > 0 else None}
+            for kind, s in kinds.items()}
+    return out
+
+
+def deploy_report(run_dir: str | Path, images: np.ndarray | None = None) -> Path:
+    """``report.md`` of a ``hil conv deploy`` run folder, from its files: accuracies in
+    percent with 95 % Wilson intervals, the settings, the total lab time and its breakdown
+    (by phase, then by operation kind per plan), clipped inputs, chain weight errors (the
+    design's, and the hardware's effective weights when ``images``, the first test images
+    (N, H, W), are given), MAC errors and instrument operations."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    plans = results["plans"]
+    sw = results["software"]
+    n = int(results["n_images"])
+    acc = {"software": (sw["accuracy"], n),
+           f"software, noisy (n_l {sw.get('noise', 'n/a')}, {sw.get('noisy_repeats', 'n/a')} passes "
+           "per image)": (sw["noisy_accuracy"], n)}
+    for k, p in plans.items():
+        acc[f"hardware, {_PLAN_TITLES.get(k, k)}"] = (p["accuracy"], p["images"])
+        if p["images"] != n:
+            acc[f"software on the same {p['images']} image(s)"] = (p["software_accuracy_same_images"],
+                                                                p["images"])
+    sections: dict[str, Any] = {
+        "Accuracy on the first test images (95 % Wilson score intervals over the images)":
+            accuracy_rows(acc)}
+    ref_s = _reference_map_lab_time_s(run_dir / "reference_map.csv") \
+        if not (config.get("deploy") or {}).get("map_csv") else None
+    sections.update(lab_time_sections(results, ref_s))
+    sections["Clipped inputs (set to the nearest power the source can make)"] = {
+        _PLAN_TITLES.get(k, k): {"clipped inputs": int(p.get("clipped_inputs", 0)),
+                                 "per image": round(p.get("clipped_inputs", 0) / p["images"], 2)}
+        for k, p in plans.items()}
+    design_path = run_dir / "chain_design.json"
+    if design_path.exists():
+        chains = json.loads(design_path.read_text())["chains"]
+        targets = {c["name"]: c["target_w"] for c in chains}
+        sections["Chain weight errors of the design (Algorithm 1's predicted vs target weights)"] = \
+            weight_error_rows(targets, {c["name"]: c["predicted_w"] for c in chains})
+        if images is not None:
+            from calibration.mac import patches_2x2
+
+            for k, p in plans.items():
+                npz = run_dir / f"mac_{k}.npz"
+                if not npz.exists():
+                    continue
+                data = np.load(npz)
+                count = int(p["images"])
+                w = effective_weights(data["mac_hw"], patches_2x2(np.asarray(images)[:count]),
+                                      data["measured"])
+                if w is not None:
+                    sections[f"Chain weight errors in hardware, {_PLAN_TITLES.get(k, k)} (effective "
+                             "weights: least squares of the measured MAC on the input patches)"] = \
+                        weight_error_rows(targets, {name: w[i].tolist()
+                                                    for i, name in enumerate(targets) if i < len(w)})
+    sections["MAC error on image cores (RMS of hardware - software, relative to the software RMS)"] = {
+        _PLAN_TITLES.get(k, k): {name: round(st["core"]["rel_rms"], 3)
+                                 for name, st in v["mac_stats"].items() if st["core"]["rel_rms"] is not None}
+        for k, v in plans.items() if "mac_stats" in v}
+    keep = ("supply commands", "stage moves", "switch changes", "voltmeter readings", "rf gate changes")
+    sections["Instrument operations per image"] = {
+        _PLAN_TITLES.get(k, k): {o: round(c, 1) for o, c in v["ops_per_image"].items()
+                                 if o.split(" (")[0] in keep}
+        for k, v in plans.items()}
+    if "speedup" in results:
+        sections["Measurement plan vs Algorithm 3 as written"] = {k: round(v, 2)
+                                                                  for k, v in results["speedup"].items()}
+    settings = {"model": config.get("model", results.get("model")),
+                "dataset": config.get("dataset", results.get("dataset")),
+                **{f"deploy.{k}": v for k, v in (config.get("deploy") or {}).items()},
+                "software noise n_l": sw.get("noise"),
+                "source settling tau (s)": (results.get("source") or {}).get("tau_s")}
+    sections["Settings"] = settings
+    sections["Files"] = ["results.json", "config.yaml", "confusion.png", "lab_time.png", "mac_<plan>.png",
+                         "convolved_<plan>.png", "positions_<plan>.png", "mac_<plan>.npz",
+                         "chain_design.json", "metrics.jsonl"]
+    return write_report_markdown(run_dir / "report.md", sections,
+                                 title="Hybrid convolutional network on spin-diode chains")

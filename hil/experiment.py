@@ -80,12 +80,7 @@ def train_run(cfg: RunConfig, folder: RunFolder, progress: bool = True,
                       label=f"{cfg.task.name}/{cfg.model.neuron} x{K} seeds", hardware=cfg.hardware,
                       checkpoint=checkpoint)
     if resume is not None:
-        try:
-            trainer.load_resume_state(resume["trainer"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise HilError(f"--resume {folder}: {CHECKPOINT_FILE} does not fit this run's config "
-                           f"({str(exc).splitlines()[0][:160]})") from None
-        _trim_metrics(folder, trainer.start_epoch)
+        resume_trainer(trainer, resume, folder)
     result = trainer.fit()
     metric = task.metric_name
     ok = [f for f in result.final if f["status"] != "failed"]
@@ -109,6 +104,17 @@ def train_run(cfg: RunConfig, folder: RunFolder, progress: bool = True,
     _trajectory_plot(result, task, cfg, folder)
     folder.file(CHECKPOINT_FILE).unlink(missing_ok=True)  # model.pt and the results are written
     return summary
+
+
+def resume_trainer(trainer: Trainer, resume: dict[str, Any], folder: RunFolder) -> None:
+    """Load a checkpoint's trainer state (one clear error when it does not fit the run) and drop
+    the metrics of the epochs it will measure again."""
+    try:
+        trainer.load_resume_state(resume["trainer"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise HilError(f"--resume {folder}: {CHECKPOINT_FILE} does not fit this run's settings "
+                       f"({str(exc).splitlines()[0][:160]})") from None
+    _trim_metrics(folder, trainer.start_epoch)
 
 
 def _trim_metrics(folder: RunFolder, start_epoch: int) -> None:

@@ -89,6 +89,8 @@ ROLES: Mapping[str, RoleSpec] = {
     "stage.y": RoleSpec("stage", "sample y", "mm"),
     "stage.z": RoleSpec("stage", "magnet array height (field gradient axis)", "mm"),
     "stage.rotation": RoleSpec("stage", "magnet array rotation", "deg"),
+    "field_probe": RoleSpec("gaussmeter", "Hall probe on the sample holder: field gradient "
+                            "and field zero (hil calibrate field)"),
 }
 
 DEFAULT_REQUIRED_ROLES: tuple[str, ...] = ("rf_source", "voltmeter")
@@ -792,3 +794,28 @@ def register(sub: Any) -> None:
                       "and status; exit code 1 if any fails")
     check.add_argument("config", help="lab configuration YAML (e.g. lab_configs/sim.yaml)")
     check.set_defaults(func=run_check)
+
+
+#: three reference devices (two same-sign diodes in parallel, thesis Fig. 3.7c) on switch
+#: ports 1-3: the virtual lab's reference sample (``--reference-sample``)
+REFERENCE_SAMPLE: dict[str, Any] = {
+    "sample": {"devices": {"__replace__": True, **{
+        f"ref{i}": {"origin_um": [-450 + 450 * i, 0],
+                    "diodes": [{"v_um": 0, "u_um": -8}, {"v_um": 0, "u_um": 8}],
+                    "blocks": [[0, 1]]} for i in range(3)}}},
+    "rf": {"output_switch": {"switch": "sp4t",
+                             "ports": {1: "ref0", 2: "ref1", 3: "ref2", 4: "fsv"}}},
+}
+
+
+def load_reference_map(map_csv: str | Path) -> Any:
+    """The reference map of ``map_csv`` (and its sidecar); a missing, corrupt or foreign file
+    is one :class:`HilError` naming it, not a traceback."""
+    from calibration.reference import ReferenceMap, sidecar_path
+
+    try:
+        return ReferenceMap.load(map_csv)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HilError(f"{map_csv}: not a readable reference map (with its sidecar "
+                       f"{sidecar_path(Path(map_csv)).name}): {first[:200]}") from None

@@ -439,3 +439,33 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+def load_run(folder: Path) -> tuple[Any, Any, Any]:
+    """Rebuild a trained run's ``(config, task, network)`` from its folder (``model.pt`` loaded
+    with ``weights_only=True``: a crafted file cannot run code)."""
+    from hil.config import RunConfig, update
+    from hil.model import DynamicalNetwork
+    from hil.tasks import make_task
+
+    ckpt_path = folder / "model.pt"
+    if not ckpt_path.is_file():
+        raise HilError(f"{folder}: no model.pt; is this a folder written by hil train?")
+    ckpt = load_checkpoint(ckpt_path)  # weights_only=True: a crafted file cannot run code
+    missing = [k for k in ("config", "seeds", "n_in", "n_out", "input_centre", "state_dict")
+               if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise HilError(f"{ckpt_path}: not a checkpoint of hil train "
+                       f"(missing {', '.join(missing) or 'config'})")
+    cfg = update(RunConfig(), {k: v for k, v in ckpt["config"].items() if k != "preset"},
+                 str(ckpt_path))
+    task = make_task(cfg.task, cfg.train.output_gain)
+    try:
+        net = DynamicalNetwork([cfg.model] * len(ckpt["seeds"]), ckpt["n_in"], ckpt["n_out"],
+                               ckpt["seeds"], ckpt["input_centre"])
+        net.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HilError(f"{ckpt_path}: the weights do not fit the network of its config "
+                       f"({first[:200]})") from None
+    return cfg, task, net

@@ -66,6 +66,48 @@ def evaluate_on_backend(net: DynamicalNetwork, k: int, backend: Backend, task: T
     return res
 
 
+def refit_readout_on_chip(net: DynamicalNetwork, k: int, backend: Backend, task: Task, split: str = "train",
+                          steps: int = 300, lr: float = 0.01, upload: bool = True) -> dict[str, Any]:
+    """Measure ``split`` once on trial ``k``'s chip and refit the host-side readout
+    (``W_out``, ``b_out``) to the measured last-layer states, starting from the present one.
+
+    The chip's parameters stay as they are, so the device time is one upload and one pass
+    over the split; the fit itself (full-batch Adam on the task's loss) runs on the host. The
+    readout then reads the states this chip actually produces (its mismatch and offsets)
+    rather than the twin's. Returns the split's loss before and after."""
+    data = task.splits[split]
+    if upload:
+        backend.upload(net.layer_weights(k))
+    with torch.no_grad():
+        feats = []
+        for i in range(0, len(data), EVAL_CHUNK):
+            m = backend.run(data.x[i : i + EVAL_CHUNK])
+            last = torch.as_tensor(m.outputs, dtype=net.W_out.dtype)
+            feats.append(net.output_of(last if task.per_step else last[:, -1:]))
+        y_feat = torch.cat(feats).unsqueeze(0)  # (1, B, T', N)
+    W = net.W_out[k].detach().clone().requires_grad_(True)
+    b = net.b_out[k].detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([W, b], lr=lr)
+
+    def loss() -> torch.Tensor:
+        return task.loss(y_feat @ W.T + b, data.y)[0]
+
+    with torch.no_grad():
+        before = float(loss())
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            loss().backward()
+            opt.step()
+    with torch.no_grad():
+        after = float(loss())
+    if after < before:  # never worse on the measured data than the readout it started from
+        with torch.no_grad():
+            net.W_out[k].copy_(W)
+            net.b_out[k].copy_(b)
+    return {"loss_before": before, "loss_after": min(after, before)}
+
+
 @torch.no_grad()
 def evaluate_model(net: DynamicalNetwork, k: int, task: Task, split: str = "test",
                    keep_states: bool = False) -> dict[str, Any]:
@@ -199,7 +241,7 @@ def upload_run(source: Path, backend: str, folder: RunFolder,
     on the chip, report the gap and write the sim-to-real report. With ``verify``, program and
     verify each upload first (against the calibrated twin when ``calibrated_twin``). On the
     simulated chip, ``budget_repeats > 0`` adds the gap budget (:mod:`hil.gap_budget`)."""
-    from hil.commands.analyse import load_run
+    from hil.runs import load_run
 
     src = source if source.is_dir() else source.parent
     cfg, task, net = load_run(src)

@@ -240,11 +240,28 @@ class Trainer:
             idx = perms[:, i : i + bs]
             x, y = data.x[idx], data.y[idx]
             loss, metric, _ = self._update(x, y, epoch)
+            self._after_update(epoch)
             b = idx.shape[1]
             losses += loss * b  # a diverged batch: NaN for the epoch (null in metrics.jsonl)
             metrics += metric * b
             counts += b
         return losses / counts, metrics / counts
+
+    def _after_update(self, epoch: int) -> None:
+        """Called after every update of a batched epoch (chip-in-the-loop: device budget, curve)."""
+        return None
+
+    def _epoch_done(self, epoch: int, evals: dict[str, dict[str, torch.Tensor]],
+                    train_metric: torch.Tensor) -> None:
+        """Called at the end of every epoch, after its records (chip-in-the-loop: best weights)."""
+        return None
+
+    def _progress_extra(self) -> str:
+        """More for the progress bar (chip-in-the-loop: the device time spent)."""
+        return ""
+
+    def _evaluate(self, split: str) -> dict[str, torch.Tensor]:
+        return evaluate(self.net, self.task, split)
 
     def _epoch_sequence(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sine/square: one long series, full, truncated, shifted-start or exact-start BPTT
@@ -342,7 +359,7 @@ class Trainer:
                 tr_loss, tr_metric = self._epoch_sequence(epoch)
             else:
                 tr_loss, tr_metric = self._epoch_batches(epoch)
-            evals = {s: evaluate(self.net, self.task, s) for s in eval_splits}
+            evals = {s: self._evaluate(s) for s in eval_splits}
             # a trial whose evaluation is non-finite also rolls back
             for k in range(self.K):
                 if self.active[k] and not all(
@@ -365,13 +382,14 @@ class Trainer:
                 if self.log:
                     self.log(rec)
             self._snapshot_good()
+            self._epoch_done(epoch, evals, tr_metric)
             main = evals.get("val", evals.get("test"))
             if main is not None:
                 good = main["metric"][self.active]
                 if good.numel():
                     bar.set_postfix_str(
                         f"median {self.task.metric_name} {float(good.median()) * 100:.1f}% "
-                        f"({int(self.active.sum())}/{self.K} trials)"
+                        f"({int(self.active.sum())}/{self.K} trials){self._progress_extra()}"
                     )
             bar.update(1)
             if self.on_epoch is not None:

@@ -258,6 +258,44 @@ class OscillatorArrayDevice:
         self._layers: list[dict[str, np.ndarray]] | None = None
         self._written_error: list[dict[str, np.ndarray]] | None = None
 
+    # ------------------------------------------------------------------ state (checkpoints)
+    _ARRAYS = ("gamma", "sigma", "q", "offset")
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything that changes while the chip is used (random streams, drifted values, what
+        is programmed, the clock and counters) as plain Python data, so that a checkpoint puts
+        back the very chip it left: the same draws follow as if it had never stopped."""
+        def layers(ls: list[dict[str, np.ndarray]] | None) -> list[dict[str, Any]] | None:
+            return None if ls is None else [{k: v.tolist() for k, v in layer.items()} for layer in ls]
+
+        return {"seed": self.seed,
+                "rng": {name: r.bit_generator.state for name, r in self._rng.items()},
+                "draws": dict(self._draws),
+                **{name: getattr(self, name).tolist() for name in self._ARRAYS},
+                "device_time_s": self.device_time_s, "drift_time_s": self._drift_time_s,
+                "counters": dict(self.counters),
+                "layers": layers(self._layers), "written_error": layers(self._written_error)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Put back :meth:`get_state` of a chip drawn with the same config and seed."""
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"state of the chip drawn with seed {state['seed']}, this one has {self.seed}")
+        for name, st in state["rng"].items():
+            self._rng[name].bit_generator.state = st
+        self._draws = dict(state["draws"])
+        for name in self._ARRAYS:
+            setattr(self, name, np.asarray(state[name], dtype=np.float64))
+        self.device_time_s = float(state["device_time_s"])
+        self._drift_time_s = float(state["drift_time_s"])
+        self.counters = dict(state["counters"])
+
+        def layers(ls: list[dict[str, Any]] | None) -> list[dict[str, np.ndarray]] | None:
+            return None if ls is None else [{k: np.asarray(v, dtype=np.float64) for k, v in layer.items()}
+                                            for layer in ls]
+
+        self._layers = layers(state["layers"])
+        self._written_error = layers(state["written_error"])
+
     # ------------------------------------------------------------------ randomness
     def _draw(self, stream: str, fn, count: int) -> np.ndarray:
         self._draws[stream] += int(count)

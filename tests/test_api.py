@@ -32,9 +32,11 @@ def test_readme_python_snippet_runs(runs_dir, monkeypatch, capsys):
     exec(compile(code, "README.md: From Python", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out.splitlines()
     assert str(runs_dir) in out[0]  # the run folder, under $HIL_RUNS
-    assert len(out) == 4 and "model.tau_ns" in out[1] and "KEITHLEY" in out[3].upper()
-    kinds = sorted(p.name.split("-")[2] for p in runs_dir.iterdir())
-    assert kinds == ["train", "tune", "upload"]
+    assert len(out) == 5 and "model.tau_ns" in out[1] and "KEITHLEY" in out[4].upper()
+    acc, device_s = map(float, out[3].split())
+    assert 0 < acc <= 1 and 0 < device_s <= 1.0 + 0.05  # the budget, within one batch
+    kinds = sorted("-".join(p.name.split("-")[2:-1]) for p in runs_dir.iterdir())
+    assert kinds == ["train", "train-in-the-loop", "tune", "upload"]
 
 
 def test_import_hil_is_cheap_and_train_tune_are_callable_modules():
@@ -42,7 +44,7 @@ def test_import_hil_is_cheap_and_train_tune_are_callable_modules():
                 "assert 'matplotlib' not in sys.modules, 'matplotlib'; "
                 "print(sorted(n for n in hil.__all__ if not n.startswith('_')))")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "['load_config', 'open_lab', 'train', 'tune', 'upload']"
+    assert r.stdout.strip() == "['load_config', 'open_lab', 'train', 'train_in_the_loop', 'tune', 'upload']"
     # whoever imports the submodules first, they stay modules and become callable
     r = _python("import hil.train, hil.tune\nfrom hil import tune\nimport hil\n"
                 "assert callable(hil.train) and callable(tune) and tune is hil.tune\n"

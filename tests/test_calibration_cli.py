@@ -45,11 +45,13 @@ def test_reference_resume_design_measure_optimise_source(runs_dir, capsys):
     chains = json.loads(design.read_text())["chains"]
     assert [c["name"] for c in chains] == ["chain0", "chain1", "chain2"]
     assert all(not c["layout_problems"] for c in chains)
+    assert (design.parent / "chain_design.png").stat().st_size > 30_000  # item 5: the drawing
 
     assert run("chain", "measure", LAB, "--design", str(design), "--map", csv, "--fabricate",
                "--ports", "chain2=3", "--n-avg", "4", "--no-record") == 0
     weights = json.loads((only_run(runs_dir, "chain-measure") / "weights.json").read_text())
     assert weights["mean_abs_dw_pct"]["chain2"] < 6.0  # a coarse 0.5 mm map: a loose bound
+    assert (only_run(runs_dir, "chain-measure") / "chain_weights.png").stat().st_size > 10_000
 
     assert run("position", "optimise", LAB, "--design", str(design), "--map", csv, "--fabricate",
                "--ports", "chain2=3", "--trials", "3", "--track-inputs", "2", "--every", "1",
@@ -63,6 +65,7 @@ def test_reference_resume_design_measure_optimise_source(runs_dir, capsys):
     assert (only_run(runs_dir, "source-calibrate") / "instrument_io.jsonl").stat().st_size > 0
     cal = json.loads((only_run(runs_dir, "source-calibrate") / "source_calibration.json").read_text())
     assert list(cal["channels"]) == ["4"] and cal["switch_attenuation"]["attenuation_db"]
+    assert (only_run(runs_dir, "source-calibrate") / "source_calibration.png").stat().st_size > 10_000
 
 
 def test_bad_arguments_are_config_errors(runs_dir):

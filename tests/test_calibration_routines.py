@@ -19,6 +19,7 @@ from calibration.chain import (
     THESIS_FREQS_HZ,
     THESIS_WEIGHTS,
     ChainDesign,
+    approach_z,
     design_chains,
     error_table,
     extract_weights,
@@ -29,7 +30,7 @@ from calibration.chain import (
     virtual_lab_overrides,
     write_design,
 )
-from calibration.position import generator_one_hot, optimise_z, plot_tracking, track
+from calibration.position import generator_one_hot, metric, optimise_z, plot_tracking, track
 from calibration.reference import (
     ReferenceMap,
     SweepPlan,
@@ -318,9 +319,17 @@ def test_position_optimisation_from_1_mm_off_and_tracking(ref_map, tmp_path):
         z_now = np.mean([diodes[0]["position_mm"][2], diodes[1]["position_mm"][2]])
         stage_now = lab["stage.z"].position_mm
         best = stage_now + (z_now - 1e-3 * d.z_um[0])  # stage z that puts synapse 0 at design z
+        # the weights' misfit at the geometric design position (synapse 0 where designed): the
+        # fabricated synapses differ in width and contacts (thesis 3.6), so eq. 4.4's M may be
+        # lowest some um away, and Algorithm 2 is right to go there (issue 21)
+        approach_z(lab["stage.z"], best)
+        m_best = metric(measure(lab, inputs), inputs, d.target_w, p_x1)[0]
+        approach_z(lab["stage.z"], opt.stage_z_mm)
         print(f"\nposition: start 20.000 mm (1 mm off), profile {z0:.4f} mm, Optuna {opt.stage_z_mm:.4f} "
-              f"mm (M {opt.m:.4f}), best {best:.4f} mm: {1e3 * abs(opt.stage_z_mm - best):.1f} um")
-        assert abs(opt.stage_z_mm - best) < 0.010
+              f"mm (M {opt.m:.4f}), design position {best:.4f} mm (M {m_best:.4f}): "
+              f"{1e3 * abs(opt.stage_z_mm - best):.1f} um")
+        assert abs(opt.stage_z_mm - best) < 0.040
+        assert opt.m <= m_best + 0.005
         assert opt.m < 0.05 and len(opt.trials) == 25
 
         # a long run: drift while "processing" inputs, re-optimised every 4 inputs

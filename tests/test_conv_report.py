@@ -195,3 +195,152 @@ def test_write_report_markdown(tmp_path, data):
     # deterministic
     again = cr.write_report_markdown(tmp_path / "r2.md", sections, title="Conv layer report")
     assert again.read_text() == text
+
+
+# --------------------------------------------------------------------------- the deploy report
+
+
+def test_wilson_interval_solves_the_score_equation():
+    z = 1.959963984540054
+    for p, n in ((0.88, 100), (0.5, 7), (0.03, 250)):
+        lo, hi = cr.wilson_interval(p, n)
+        assert lo < p < hi
+        for bound in (lo, hi):  # the bounds are where |p - p0| = z * sqrt(p0 (1 - p0) / n)
+            assert (p - bound) ** 2 == pytest.approx(z * z * bound * (1 - bound) / n, rel=1e-9)
+    assert cr.wilson_interval(0.88, 100) == pytest.approx((0.8019, 0.9300), abs=5e-5)
+    assert cr.wilson_interval(1.0, 4) == pytest.approx((4 / (4 + z * z), 1.0))  # never above 1
+    assert cr.wilson_interval(0.0, 4)[0] == 0.0
+    with pytest.raises(ValueError, match="fraction"):
+        cr.wilson_interval(88.0, 100)
+    rows = cr.accuracy_rows({"hardware": (0.88, 100)})
+    assert rows == {"hardware": {"accuracy (%)": "88.0", "95 % CI (%)": "80.2 - 93.0", "images": 100}}
+
+
+def test_effective_weights_recover_the_kernels():
+    rng = np.random.default_rng(5)
+    w = np.array([[0.5, -0.2, 0.1, 0.9], [-1.2, 0.4, 0.0, 0.3]])
+    patches = rng.random((3, 4, 4, 4)) * (rng.random((3, 4, 4, 1)) > 0.3)
+    mac = np.einsum("nhwi,ki->nkhw", patches, w) + rng.normal(0, 1e-3, (3, 2, 4, 4))
+    measured = patches.sum(-1) > 0
+    got = cr.effective_weights(mac, patches, measured)
+    assert got == pytest.approx(w, abs=3e-3)
+    mac_bad = mac.copy()
+    mac_bad[:, 0] *= 1.1  # a chain 10 % too strong
+    assert cr.effective_weights(mac_bad, patches, measured)[0] == pytest.approx(1.1 * w[0], abs=3e-3)
+    one_pixel = np.zeros_like(patches)
+    one_pixel[..., 0] = 1.0  # only one input ever lit: the other weights are undetermined
+    assert cr.effective_weights(mac, one_pixel) is None
+
+
+def test_weight_error_rows_by_hand():
+    rows = cr.weight_error_rows({"chain0": [0.5, -0.25], "chain1": [1.0, 2.0]},
+                                {"chain0": [0.52, -0.25], "chain1": [1.1, 1.9], "other": [0.0, 0.0]})
+    assert list(rows) == ["chain0", "chain1", "all"]
+    assert rows["chain0"]["mean |dw| (% of w=1)"] == 1.0 and rows["chain0"]["max |dw| (% of w=1)"] == 2.0
+    assert rows["chain0"]["mean |dw| (% of max |w|)"] == 2.0
+    assert rows["chain1"]["mean |dw| (% of w=1)"] == 10.0
+    assert rows["chain1"]["mean |dw| (% of max |w|)"] == 5.0
+    assert rows["all"]["mean |dw| (% of w=1)"] == 5.5 and rows["all"]["max |dw| (% of w=1)"] == 10.0
+
+
+def _deploy_folder(tmp_path, w_hw):
+    """A deploy run folder as ``hil.hybrid.deploy`` writes it (the files the report reads)."""
+    import yaml
+
+    rng = np.random.default_rng(2)
+    targets = [[0.5, -0.2, 0.1, 0.9], [-1.2, 0.4, 0.0, 0.3]]
+    images = rng.random((4, 6, 6)) * (rng.random((4, 6, 6)) > 0.4)
+    from calibration.mac import patches_2x2
+
+    p = patches_2x2(images)
+    measured = p.sum(-1) > 0
+    mac_sw = np.einsum("nhwi,ki->nkhw", p, np.array(targets))
+    mac_hw = np.einsum("nhwi,ki->nkhw", p, np.array(w_hw))
+    np.savez(tmp_path / "mac_planned.npz", mac_hw=mac_hw, measured=measured, mac_sw=mac_sw)
+    np.savez(tmp_path / "mac_algorithm3.npz", mac_hw=mac_hw[:1], measured=measured[:1], mac_sw=mac_sw[:1])
+    stats = cr.mac_error_stats(mac_hw, mac_sw, ~measured)
+    plan = {"images": 4, "accuracy": 0.75, "software_accuracy_same_images": 1.0, "lab_s_per_image": 500.0,
+            "time_s_per_image": {"source settling": 300.0, "voltmeter readings": 150.0, "stage moves": 50.0},
+            "ops_per_image": {"voltmeter readings": 160.0, "stage moves (re-optimisation)": 75.0,
+                              "patches known zero": 20.0},
+            "clipped_inputs": 6, "mac_stats": stats}
+    alg3 = {**plan, "images": 1, "accuracy": 1.0, "lab_s_per_image": 5000.0, "clipped_inputs": 2,
+            "time_s_per_image": {"source settling": 4500.0, "voltmeter readings": 500.0}}
+    results = {"dataset": "digits", "n_images": 4, "model": "m/model.pt", "source": {"tau_s": 1.03},
+               "software": {"accuracy": 1.0, "noisy_accuracy": 0.9, "noise": 0.5, "noisy_repeats": 20},
+               "plans": {"planned": plan, "algorithm3": alg3}, "lab_time_total_s": 9000.0,
+               "speedup": {"lab_time": 10.0}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"model": "m/model.pt", "dataset": "digits",
+         "deploy": {"n_images": 4, "every": 2, "nplc": 5.0, "map_csv": None,
+                    "plans": ["planned", "algorithm3"]}}))
+    (tmp_path / "chain_design.json").write_text(json.dumps({"chains": [
+        {"name": "chain0", "target_w": targets[0], "predicted_w": [0.5, -0.2, 0.1, 0.88]},
+        {"name": "chain1", "target_w": targets[1], "predicted_w": targets[1]}]}))
+    (tmp_path / "reference_map.csv").write_text(
+        "device,stage_z_mm,freq_hz,power_dbm,voltage_v,offset_v,lab_time_s\n"
+        "ref0,17.5,1e9,16,1e-6,0,1.5\nref0,17.5,2e9,16,1e-6,0,300.0\n")
+    return images
+
+
+def test_deploy_report_in_percent_with_settings_lab_time_clipping_and_weight_errors(tmp_path):
+    w_hw = [[0.5, -0.2, 0.1, 0.95], [-1.2, 0.4, 0.0, 0.3]]  # chain0's last synapse 5 points off
+    images = _deploy_folder(tmp_path, w_hw)
+    text = cr.deploy_report(tmp_path, images).read_text()
+    assert text.startswith("# Hybrid convolutional network on spin-diode chains")
+    sections = {s.split("\n", 1)[0]: s for s in text.split("\n## ")[1:]}
+    acc = next(v for k, v in sections.items() if k.startswith("Accuracy"))
+    assert "Wilson" in acc.split("\n", 1)[0]
+    lo, hi = cr.wilson_interval(0.75, 4)
+    assert f"| hardware, measurement plan | 75.0 | {100 * lo:.1f} - {100 * hi:.1f} | 4 |" in acc
+    assert "| software, noisy (n_l 0.5, 20 passes per image) | 90.0 |" in acc
+    assert "| software on the same 1 image(s) | 100.0 |" in acc
+    # lab time: reference map 300 s + setup 9000 - 4 * 500 - 5000 = 2000 s + inference 2000 + 5000 s
+    total = next(k for k in sections if k.startswith("Lab time:"))
+    assert total == "Lab time: 9300 s (2.58 h) in total"
+    lab = sections[total]
+    assert "| reference map (its own session) | 300 | 0.083 | 3.2 |" in lab
+    assert "| source calibration, settling, placement | 2000 |" in lab
+    assert "| inference, measurement plan (4 image(s)) | 2000 |" in lab and "| total | 9300 |" in lab
+    kinds = sections["Lab time by operation kind, measurement plan (4 image(s), 2000 s (0.56 h))"]
+    assert "| source settling | 1200.0 | 300.00 | 60.0 |" in kinds
+    assert "| stage moves | 200.0 | 50.00 | 10.0 |" in kinds
+    assert "Lab time by operation kind, Algorithm 3 as written (1 image(s), 5000 s (1.39 h))" in sections
+    clipped = next(v for k, v in sections.items() if k.startswith("Clipped inputs"))
+    assert "| measurement plan | 6 | 1.5 |" in clipped and "| Algorithm 3 as written | 2 | 2 |" in clipped
+    design = next(v for k, v in sections.items() if k.startswith("Chain weight errors of the design"))
+    assert "| chain0 | 0.5 | 2 | 0.56 |" in design and "| chain1 | 0 | 0 | 0 |" in design
+    hw = next(v for k, v in sections.items() if k.startswith("Chain weight errors in hardware, measurement"))
+    assert "| chain0 | 1.25 | 5 | 1.39 | [+0.5000, -0.2000, +0.1000, +0.9500] |" in hw
+    assert "| chain1 | 0 | 0 | 0 |" in hw
+    assert any(k.startswith("Chain weight errors in hardware, Algorithm 3") for k in sections)
+    settings = sections["Settings"]
+    for row in ("| deploy.every | 2 |", "| deploy.nplc | 5 |", "| dataset | digits |",
+                "| software noise n_l | 0.5 |", "| source settling tau (s) | 1.03 |"):
+        assert row in settings
+    ops = sections["Instrument operations per image"]
+    assert "stage moves (re-optimisation)" in ops and "patches known zero" not in ops
+    # without the images: no hardware weights, the rest unchanged; a given map: no map time
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    cfg["deploy"]["map_csv"] = "elsewhere/reference_map.csv"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    text = cr.deploy_report(tmp_path).read_text()
+    assert "Chain weight errors in hardware" not in text and "Chain weight errors of the design" in text
+    assert "reference map (its own session)" not in text and "Lab time: 9000 s (2.50 h) in total" in text
+
+
+def test_hil_conv_report_rewrites_a_run_folders_report(tmp_path, capsys):
+    from hil.cli import main
+
+    _deploy_folder(tmp_path, [[0.5, -0.2, 0.1, 0.9], [-1.2, 0.4, 0.0, 0.3]])
+    (tmp_path / "report.md").write_text("# old report, fractions only\n")
+    assert main(["conv", "report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "model not found" in out and "report.md" in out  # m/model.pt does not exist here
+    text = (tmp_path / "report.md").read_text()
+    assert "old report" not in text and "95 % CI (%)" in text and "Lab time: 9300 s" in text
+    assert main(["conv", "report", str(tmp_path / "nothing")]) == 2
+    assert "no results.json" in capsys.readouterr().err

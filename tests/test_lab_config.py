@@ -202,8 +202,9 @@ def test_required_roles_can_be_chosen(tmp_path):
 def test_shipped_configs_are_valid():
     sim = load_lab_config(ROOT / "lab_configs" / "sim.yaml")
     assert set(sim.roles) == set(ROLES)  # every role on the virtual bench
-    for inst in sim.instruments.values():
-        assert inst.backend == f"{ROOT / 'sims' / 'visa' / 'sim_lab.yaml'}@sim"
+    for inst in sim.instruments.values():  # the gaussmeter has its own pyvisa-sim file
+        own = "lakeshore_425.yaml" if inst.driver == "lakeshore_425" else "sim_lab.yaml"
+        assert inst.backend == f"{ROOT / 'sims' / 'visa' / own}@sim"
     real = load_lab_config(ROOT / "lab_configs" / "template_real_bench.yaml")
     assert set(real.roles) == set(ROLES)
     assert all(inst.backend == "" for inst in real.instruments.values())
@@ -268,7 +269,7 @@ def test_hil_lab_check_on_the_shipped_sim_config(capsys):
         assert role in out
     assert "Rohde&Schwarz,SMB100A,1406.6000k03/180123" in out
     assert "GPIB0::28::INSTR" in out and "OK: RF off" in out
-    assert "all 12 instrument(s) answered" in out
+    assert "all 13 instrument(s) answered" in out
 
 
 def test_hil_lab_check_reports_a_failing_instrument(tmp_path, capsys):

@@ -22,11 +22,12 @@ from calibration.mac import (
     ToneMap,
     ToneSource,
     fit_v_max,
+    measure_source_settling,
     patches_2x2,
 )
 from calibration.position import generator_one_hot, optimise_z
 from calibration.reference import ReferenceMap, measure_reference_map, rescaled_power
-from calibration.source import calibrate_source, measure_settling
+from calibration.source import calibrate_source
 from hil.commands.calibrate import REFERENCE_SAMPLE
 from hil.hybrid import reference_plan
 from hil.lab import open_lab
@@ -67,7 +68,7 @@ def placed_lab(bench: dict[str, Any]) -> tuple[Any, list[PlacedChain], ToneMap, 
     world = World.from_file("thesis_bench.yaml", seed=SEED, overrides=virtual_lab_overrides(designs))
     lab = open_lab(LAB, world=world)
     lab["voltmeter"].configure_voltage(nplc=5)
-    tau = max(measure_settling(lab, cal, ch)["tau_s"] for ch in (1, 2, 3, 4))
+    tau = max(measure_source_settling(lab, cal, ch)["tau_s"] for ch in (1, 2, 3, 4))
     tones = ToneMap.fit(cal, [1, 2, 3, 4], FREQS, rescale(np.array(FREQS)))
     p1 = np.array(tones.p_x1_mw)
     chains = []
@@ -117,8 +118,10 @@ def test_tone_source_encodes_settles_and_waits_by_step(bench):
     cal = bench["cal"]
     tones = ToneMap.fit(cal, [1, 2, 3, 4], FREQS, bench["rescale"](np.array(FREQS)))
     with open_lab(LAB) as lab:
-        tau = measure_settling(lab, cal, 3)["tau_s"]
-        assert tau == pytest.approx(1.0, rel=0.15)  # world file: settle_tau_s 2 s, amplifier half
+        taus = [measure_source_settling(lab, cal, ch)["tau_s"] for ch in (1, 2, 3, 4)]
+        for ch, tau in zip((1, 2, 3, 4), taus, strict=True):  # the world's lags, measured back
+            assert tau == pytest.approx(lab.world.vco.amplifier[ch - 1].tau_s, rel=0.15), ch
+        tau = max(taus)  # the worst channel, as hil conv deploy uses it
         src = ToneSource(lab, cal, tones, Ledger(lab.clock.now_s), tau_s=tau, eps=2e-3)
         # below the amplifier's threshold jump: rounded to the lowest level or to off
         x = src.encode(np.array([0.0, 0.001, 0.5, 1.0]))
@@ -180,7 +183,9 @@ def test_planned_and_algorithm3_measure_the_same_macs_at_a_fraction_of_the_time(
     assert np.sqrt(np.mean(diff ** 2)) < 0.2 * np.sqrt(np.mean(ideal[0].transpose(1, 2, 0)[~zero[0]] ** 2))
     print(f"\nlab time per image: planned {t_planned:.0f} s, Algorithm 3 {t_alg3:.0f} s "
           f"({t_alg3 / t_planned:.1f}x)")
-    assert t_alg3 > 8 * t_planned
+    # 8x8 digits have few zero patches and a V_max fit amortised over only four images; the
+    # issue-21 comparison on the thesis's 28x28 images (>= 10x) is tests/test_lab_timing.py
+    assert t_alg3 > 4 * t_planned
 
 
 def test_rf_is_switched_off_when_a_reading_fails(bench):

@@ -199,8 +199,8 @@ def test_full_disk_keeps_the_previous_file(tmp_path, mocker):
 
 
 def test_model_pt_is_never_truncated(trained, tmp_path, mocker):
-    from hil.commands.analyse import load_run
     from hil.experiment import save_checkpoint
+    from hil.runs import load_run
     from hil.train import TrainResult
 
     run = _copy_run(trained, tmp_path / "run")

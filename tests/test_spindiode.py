@@ -160,3 +160,18 @@ def test_magnet_field_gradient_and_maxwell():
         curl = (d(point, 2, 1) - d(point, 1, 2), d(point, 0, 2) - d(point, 2, 0),
                 d(point, 1, 0) - d(point, 0, 1))
         assert abs(div) < 1e-5 and max(map(abs, curl)) < 1e-5
+
+
+def test_resonance_shift_moves_the_line_and_keeps_it_linear_in_power():
+    """Thesis 2.7.1: heating moves f_r (the caller gives the shift); V stays linear in P."""
+    h = 59.0
+    f = np.linspace(1.8e9, 2.6e9, 8001)
+    fr = float(kittel_frequency_hz(h))
+    anti = rectified_voltage_v(f, h, 1e-3, resonance_shift_hz=-5e6, parts=True)[0]
+    crossing = f[np.argmin(np.abs(anti[(f > fr - 50e6) & (f < fr + 50e6)])) +
+                 np.searchsorted(f, fr - 50e6)]
+    assert crossing == pytest.approx(fr - 5e6, abs=2e5)
+    np.testing.assert_allclose(rectified_voltage_v(f, h, 3e-3, resonance_shift_hz=-5e6),
+                               3 * rectified_voltage_v(f, h, 1e-3, resonance_shift_hz=-5e6),
+                               rtol=1e-12)
+    assert MAT.power_shift_hz_per_w < 0  # heating lowers M_s, hence f_r

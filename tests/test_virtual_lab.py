@@ -47,7 +47,7 @@ def test_virtual_config_loads_and_every_instrument_answers():
     assert {i.backend for i in config.instruments.values()} == {"@virtual"}
     results = check_lab(config)
     assert all(r.ok for r in results), [r.status for r in results if not r.ok]
-    assert len(results) == 13
+    assert len(results) == 14  # 13 + the field probe (issue 21)
 
 
 def test_all_instruments_of_a_lab_share_one_world_and_one_clock():

@@ -11,11 +11,16 @@ set and on the first 100 test images, as thesis 4.9), ``training.png`` and ``ker
 (``hil.hybrid``): reference map, source calibration, Algorithm 1 designs, (virtual)
 fabrication, placement by Algorithm 2, then the measurement plan and/or Algorithm 3 as
 written, with the report of thesis 4.9 and the lab time per image of each plan.
+
+``report``: ``report.md`` of a deploy run folder written again from its files
+(``hil.conv_report.deploy_report``: accuracies in percent with 95 % Wilson intervals, the
+settings, the total lab time and its breakdown, clipped inputs, chain weight errors).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +204,44 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if "speedup" in results:
         print(f"measurement plan vs Algorithm 3 as written: {results['speedup']['lab_time']:.1f}x less "
               "lab time")
+    from hil.conv_report import deploy_report
+
+    deploy_report(run.path, _test_images(args.model, int(results["n_images"])))
     print(f"report: {run.file('report.md')}")
+    return 0
+
+
+def _test_images(model: str, n: int) -> np.ndarray:
+    """The first ``n`` test images (N, H, W) of the dataset the model was trained on."""
+    from hil.conv import load_model
+    from hil.hybrid import _dataset_of, model_path_of
+    from hil.images import load_images
+
+    path = model_path_of(model)
+    _, meta = load_model(path)
+    dataset, data_dir = _dataset_of(path, meta)
+    return load_images(dataset, data_dir).x_test[:n, 0].numpy()
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``hil conv report RUN_FOLDER``: write a deploy run's report.md again from its files."""
+    import yaml
+
+    from hil.conv_report import deploy_report
+    from hil.errors import HilError
+
+    run = Path(args.run_folder)
+    if not (run / "results.json").exists():
+        raise HilError(f"{run}: no results.json (not a finished hil conv deploy run folder?)")
+    images = None
+    model = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("model") \
+        if (run / "config.yaml").exists() else None
+    if model and Path(model).exists():
+        n = int(json.loads((run / "results.json").read_text())["n_images"])
+        images = _test_images(model, n)
+    else:
+        print("model not found: the hardware's effective weights are left out")
+    print(f"report: {deploy_report(run, images)}")
     return 0
 
 
@@ -259,3 +301,7 @@ def register(sub: Any) -> None:
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     de.set_defaults(func=cmd_deploy)
+
+    rp = csub.add_parser("report", help="write a deploy run's report.md again from its files")
+    rp.add_argument("run_folder", help="run folder of hil conv deploy")
+    rp.set_defaults(func=cmd_report)

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from hil.convergence import step_error
 
     if args.run_folder:
-        from hil.commands.analyse import load_run
+        from hil.runs import load_run
 
         cfg, task, net = load_run(Path(args.run_folder))
         report = design_rules.check(cfg.model, net.layer_weights(0))

@@ -11,7 +11,8 @@ from hil.runs import RunFolder
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("study", help="studies of the model against chips (mismatch sweep)")
+    p = sub.add_parser("study",
+                       help="studies of the model against chips (mismatch sweep, device-time budget)")
     ssub = p.add_subparsers(dest="study", metavar="STUDY")
     ssub.required = True
     m = ssub.add_parser(
@@ -36,6 +37,7 @@ def register(sub: Any) -> None:
     m.add_argument("--device", action="append", default=[], metavar="KEY=VALUE",
                    help="other simulated-chip settings, e.g. --device thermal_d_ghz=0.01 (repeatable)")
     m.set_defaults(func=run_mismatch)
+    register_budget(ssub)
 
 
 def run_mismatch(args: argparse.Namespace) -> int:
@@ -62,6 +64,73 @@ def run_mismatch(args: argparse.Namespace) -> int:
                        progress=not args.no_progress, budget_repeats=args.budget_repeats)
     print()
     print(folder.file("mismatch_study.md").read_text())
+    print(f"{s['seconds']:.0f} s")
+    print(f"run folder: {folder}")
+    return 0
+
+
+def register_budget(ssub: Any) -> None:
+    b = ssub.add_parser(
+        "budget", help="accuracy on the chip versus device time, per gradient estimator (issue 22)",
+        description="Train off-chip on the ideal model (or take --init), then fine-tune on one chip "
+        "per seed with each estimator, measuring the test split along the way; report accuracy versus "
+        "the training device time (calibration, uploads, runs), the device time each estimator needs "
+        "to come within 1 point of the ideal model, and a plot of every estimator's curve.")
+    add_config_args(b)
+    b.add_argument("--estimators", default="offchip,physics,twin:every=10,spsa:c=0.02/n=2",
+                   help="comma-separated estimators; separate an estimator's own settings with '/' "
+                   "(e.g. spsa:c=0.02/n=2); 'offchip' = calibrated twin fine-tuned off-chip, uploaded "
+                   "once (default: offchip,physics,twin:every=10,spsa:c=0.02/n=2)")
+    b.add_argument("--level", type=float, default=0.2, help="mismatch (cv of gamma and sigma; default 0.2)")
+    b.add_argument("--backend", default="sim", help="sim (default) or lab:<lab config> (virtual clock)")
+    b.add_argument("--twin", choices=("nominal", "calibrated"), default="calibrated",
+                   help="twin for the backward pass (calibration time counts)")
+    b.add_argument("--finetune-epochs", type=int, default=5, help="epochs of each fine-tuning (default 5)")
+    b.add_argument("--loop-lr", type=float, default=None,
+                   help="lr0 in the loop (default: the training schedule's final rate / 3)")
+    b.add_argument("--finetune-lr", type=float, default=None, help="lr0 of offchip (default train.lr0 / 2)")
+    b.add_argument("--curve-every", type=int, default=3, metavar="N",
+                   help="measure the test split every N updates as well as every epoch (default 3)")
+    b.add_argument("--init", metavar="RUN_FOLDER", default=None,
+                   help="take the ideal weights from this trained run (same seeds) instead of training")
+    b.add_argument("--device", action="append", default=[], metavar="KEY=VALUE",
+                   help="other simulated-chip settings (repeatable)")
+    b.set_defaults(func=run_budget)
+
+
+def run_budget(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hil.backends import parse_device_overrides
+    from hil.budget_study import budget_study
+    from hil.commands.train import set_threads
+    from hil.errors import ConfigError
+    from hil.runs import load_run
+
+    set_threads(args.threads)
+    cfg = resolve_config(args, default_preset="digits")
+    specs = [e.strip().replace("/", ",") for e in args.estimators.split(",") if e.strip()]
+    if not specs:
+        raise ConfigError("--estimators", "at least one estimator is needed", "command line")
+    from hil.budget_study import check_settings
+
+    check_settings(specs, args.twin, args.finetune_epochs, args.curve_every, args.level)
+    init_state = None
+    if args.init:
+        p = Path(args.init)
+        _, _, src = load_run(p if p.is_dir() else p.parent)
+        if list(src.seeds) != list(cfg.seeds):
+            raise ConfigError("--init", f"the run has seeds {list(src.seeds)}, the study {cfg.seeds}",
+                              "command line")
+        init_state = src.state_dict()
+    folder = RunFolder.create("study-budget", args.runs_dir, args.name or cfg.task.name)
+    print(f"run folder: {folder}", file=sys.stderr)
+    s = budget_study(cfg, folder, specs, level=args.level, backend=args.backend,
+                     device=parse_device_overrides(args.device), twin=args.twin,
+                     finetune_epochs=args.finetune_epochs, loop_lr=args.loop_lr, finetune_lr=args.finetune_lr,
+                     curve_every=args.curve_every, init_state=init_state, progress=not args.no_progress)
+    print()
+    print(folder.file("budget_study.md").read_text())
     print(f"{s['seconds']:.0f} s")
     print(f"run folder: {folder}")
     return 0

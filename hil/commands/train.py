@@ -67,9 +67,21 @@ def register(sub: Any) -> None:
                    help="the model used in the backward pass: nominal values, or calibrated on "
                    "each chip first (default)")
     p.add_argument("--resume", metavar="RUN_FOLDER",
-                   help="continue an interrupted off-chip training run from its last finished epoch "
-                   "(checkpoint.pt), to the same final weights as an uninterrupted run; takes the run's "
-                   "own config (settings given beside it must match)")
+                   help="continue an interrupted training run (off-chip or chip-in-the-loop) from its "
+                   "last finished epoch (checkpoint.pt), to the same final weights as an uninterrupted "
+                   "run (on the simulated chip too); takes the run's own config and chip settings "
+                   "(settings given beside it must match)")
+    p.add_argument("--estimator", default=None, metavar="SPEC",
+                   help="chip-in-the-loop gradient estimator: physics (default: forward on the chip, "
+                   "backward through the twin), twin:every=K (twin-only steps, a chip step every K "
+                   "batches re-identifying the twin), spsa:c=C,n=N (model-free, N perturbation pairs "
+                   "of size C per step); see hil.estimators")
+    p.add_argument("--device-budget", type=float, default=None, metavar="SECONDS",
+                   help="chip-in-the-loop: stop each chip after this much training device time "
+                   "(calibration, uploads and runs) and keep its best weights so far")
+    p.add_argument("--curve-every", type=int, default=0, metavar="N",
+                   help="chip-in-the-loop: measure the test split every N updates too, for the "
+                   "accuracy-vs-device-time curve (device_time.png; not counted in the budget)")
     p.add_argument("--init", metavar="RUN_FOLDER",
                    help="start from the weights of a trained run with the same seeds (e.g. off-chip)")
     p.add_argument("--monitor-every", type=int, default=0, metavar="N",
@@ -113,14 +125,22 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     resume = getattr(args, "resume", None)
-    if resume and getattr(args, "in_the_loop", False):
-        raise ConfigError("--resume", "chip-in-the-loop training keeps no checkpoint yet; only "
-                          "off-chip training (hil train without --in-the-loop) resumes", "command line")
     if not resume:
         cfg, ckpt = resolve_config(args, default_preset="digits"), None
     else:  # the run's own config; refused (one line, exit 2) before the folder is touched
         given = resolve_config(args, default_preset="digits") if _gives_settings(args) else None
         cfg, ckpt = check_resume(resume, given)
+        if ckpt.get("mode") == "chip-in-the-loop":
+            return _resume_in_the_loop(args, cfg, ckpt)
+        if getattr(args, "in_the_loop", False):
+            raise ConfigError("--resume", f"{resume} is an off-chip training run (not chip-in-the-loop); "
+                              "resume it without --in-the-loop", "command line")
+    loop_only = [opt for opt, v in (("--estimator", getattr(args, "estimator", None)),
+                                    ("--device-budget", getattr(args, "device_budget", None)),
+                                    ("--curve-every", getattr(args, "curve_every", 0))) if v]
+    if loop_only and not getattr(args, "in_the_loop", False):
+        raise ConfigError(loop_only[0], "is a chip-in-the-loop setting: add --backend NAME --in-the-loop",
+                          "command line")
     backend = getattr(args, "backend", None)
     if getattr(args, "in_the_loop", False) and not backend:
         raise ConfigError("--in-the-loop", "needs --backend NAME (the chip to train with)", "command line")
@@ -190,17 +210,67 @@ def _every_seed_failed(args: argparse.Namespace, failed: Any) -> int:
 def _run_in_the_loop(args: argparse.Namespace, cfg: RunConfig) -> int:
     from pathlib import Path
 
-    from hil.chip_in_loop import print_summary, train_in_the_loop_run
-    from hil.commands.analyse import load_run
+    from hil.chip_in_loop import train_in_the_loop_run
+    from hil.errors import ConfigError
+    from hil.runs import load_run
 
     if args.init:  # a missing, corrupt or unsafe checkpoint stops here, before any folder or chip
         p = Path(args.init)
         load_run(p if p.is_dir() else p.parent)
+    from hil.estimators import make_estimator
+
+    make_estimator(args.estimator)  # a wrong spec stops here, before any folder or chip
+    if args.device_budget is not None and not args.device_budget > 0:
+        raise ConfigError("--device-budget", f"must be > 0 seconds, got {args.device_budget}", "command line")
+    if args.curve_every < 0:
+        raise ConfigError("--curve-every", f"must be >= 0, got {args.curve_every}", "command line")
     folder = RunFolder.create("train-in-the-loop", args.runs_dir, args.name or cfg.task.name)
     print(f"run folder: {folder}", file=sys.stderr)
     summary = train_in_the_loop_run(cfg, folder, args.backend, args.device, twin=args.twin, init=args.init,
                                     monitor_every=args.monitor_every, monitor_ratio=args.monitor_ratio,
-                                    progress=not args.no_progress)
+                                    progress=not args.no_progress, estimator=args.estimator,
+                                    device_budget_s=args.device_budget, curve_every=args.curve_every)
+    return _loop_done(args, summary, folder)
+
+
+def _resume_in_the_loop(args: argparse.Namespace, cfg: RunConfig, ckpt: dict[str, Any]) -> int:
+    """``hil train --resume RUN`` of a chip-in-the-loop run: its own chip settings, which the
+    command line may repeat but not change."""
+    from pathlib import Path
+
+    from hil.chip_in_loop import LOOP_SETTINGS, train_in_the_loop_run
+    from hil.errors import ConfigError
+
+    stored = ckpt.get("loop")
+    if not isinstance(stored, dict) or set(stored) != set(LOOP_SETTINGS):
+        raise ConfigError("--resume", f"{args.resume}: the checkpoint lacks the chip-in-the-loop settings",
+                          "command line")
+    given = {"backend": args.backend, "device": args.device or None, "estimator": args.estimator,
+             "device_budget_s": args.device_budget, "curve_every": args.curve_every or None,
+             "init": args.init, "monitor_every": args.monitor_every or None}
+    differ = [f"{k} (run: {stored[k]!r}, now: {v!r})" for k, v in given.items()
+              if v is not None and v != stored[k]]
+    if differ:
+        raise ConfigError("--resume", f"chip settings differ from the run's: {', '.join(differ)}; "
+                          "resume with the run's own settings (--resume alone uses them)", "command line")
+    folder = RunFolder(Path(args.resume))
+    epoch = int(ckpt["trainer"]["epoch"])
+    folder.set_status("running", resumed_from_epoch=epoch)
+    print(f"run folder: {folder} (chip-in-the-loop, resumed after epoch {epoch} of {cfg.train.epochs})",
+          file=sys.stderr)
+    st = stored
+    summary = train_in_the_loop_run(cfg, folder, st["backend"], st["device"], twin=st["twin"],
+                                    init=st["init"],
+                                    monitor_every=st["monitor_every"], monitor_ratio=st["monitor_ratio"],
+                                    progress=not args.no_progress, estimator=st["estimator"],
+                                    device_budget_s=st["device_budget_s"], curve_every=st["curve_every"],
+                                    resume=ckpt)
+    return _loop_done(args, summary, folder)
+
+
+def _loop_done(args: argparse.Namespace, summary: dict[str, Any], folder: RunFolder) -> int:
+    from hil.chip_in_loop import print_summary
+
     s = summary.get("test_on_device", {})
     if not s.get("n", 0):
         rc = _every_seed_failed(args, summary.get("failed_seeds"))

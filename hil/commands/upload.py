@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-iters", f"must be >= 0, got {args.max_iters}", "command line")
     if args.budget_repeats < 1:
         raise ConfigError("--budget-repeats", f"must be >= 1, got {args.budget_repeats}", "command line")
-    from hil.commands.analyse import load_run
+    from hil.runs import load_run
 
     load_run(Path(args.run_folder))  # a bad run folder stops here, before any chip is opened
     folder = RunFolder.create("upload", args.runs_dir, args.name or args.backend)

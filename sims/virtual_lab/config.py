@@ -28,17 +28,22 @@ import yaml
 DEFAULTS: dict[str, dict[str, Any]] = {
     # sims.spindiode.SpinDiodeMaterial
     "material": {"meff_oe": 9680.0, "gamma_hz_per_oe": 2.9e6, "alpha": 0.01,
-                 "extrinsic_linewidth_hz": 0.0, "sensitivity_v_per_w": 8.0e-3,
-                 "phase_deg": 6.0},
+                 "extrinsic_linewidth_hz": 0.0, "sensitivity_v_per_w": 2.5e-2,
+                 "phase_deg": 6.0, "power_shift_hz_per_w": -1.0e8},
     # sims.spindiode.MagnetArray
     "magnets": {"gradient_oe_per_mm": 140.0, "center_field_oe": 0.0, "saturation_oe": 2000.0,
                 "curvature_oe_per_mm2": 1.0, "residual_x_oe": 2.0, "residual_y_oe": 3.0,
                 "cross_yz_oe_per_mm": 0.5},
-    # 1-sigma spreads of what fabrication and gluing draw (thesis 3.4.4, 3.6, 4.7)
+    # 1-sigma spreads of what fabrication and gluing draw (thesis 3.4.4, 3.6, 4.7); width,
+    # contact, position, M_eff, phase: *_pair_sigma* shared by a synapse's two diodes, *_sigma*
+    # each diode's own (sims.virtual_lab.sample)
     "fabrication": {"sheet_resistance_ohm_sq": 45.0, "diode_length_um": 10.0,
-                    "diode_width_um": 5.0, "width_sigma_um": 0.25, "contact_ohm": 12.0,
-                    "contact_sigma_ohm": 4.0, "position_sigma_um": 2.0,
-                    "meff_sigma_frac": 0.003, "phase_sigma_deg": 1.0, "wire_bond_nh": 3.0,
+                    "diode_width_um": 5.0, "width_sigma_um": 0.05, "width_pair_sigma_um": 0.25,
+                    "contact_ohm": 12.0, "contact_sigma_ohm": 0.7,
+                    "contact_pair_sigma_ohm": 4.0, "position_sigma_um": 0.25,
+                    "position_pair_sigma_um": 2.0,
+                    "meff_sigma_frac": 0.0003, "meff_pair_sigma_frac": 0.003,
+                    "phase_sigma_deg": 0.2, "phase_pair_sigma_deg": 1.0, "wire_bond_nh": 3.0,
                     "wire_bond_sigma_frac": 0.25, "pad_capacitance_pf": 0.3,
                     "pad_capacitance_sigma_frac": 0.1,
                     "placement_sigma_mm": {"x": 0.05, "y": 1.0, "z": 1.0},
@@ -72,9 +77,12 @@ CURRENT_LINE_DEFAULTS = {"source": None, "resistance_ohm": 15.0, "field_oe_per_m
 
 VCO_DEFAULTS: dict[str, Any] = {
     "name": "vco", "tuning": None, "amplifier": None, "combiner_loss_db": 10.0,
-    "final_amplifier_gain_db": 10.0, "compression_mw": 100.0, "compression_smoothness": 3.0,
-    "settle_tau_s": 2.0,
-    "power_noise_frac": 0.003, "freq_noise_frac": 2.5e-5, "threshold_v": 1.7,
+    "final_amplifier_gain_db": 10.0, "compression_mw": 100.0, "compression_smoothness": 6.0,
+    # tuning-port lag (amplifier: half); calibrated to thesis 4.7's ~1 h per image for
+    # Algorithm 3 (worlds/thesis_bench.yaml, tests/test_lab_timing.py)
+    "settle_tau_s": 0.06,
+    "power_noise_frac": 0.0008, "freq_noise_frac": 1.0e-5, "noise_knee_frac": 0.1,
+    "threshold_v": 1.7,
     "saturation_v": 5.0, "jump_mw": 3.0, "unit_sigma_frac": 0.02, "amplifier_load_ohm": 40.0,
     "tuning_load_ohm": 1.0e5, "tuning_max_v": 20.0, "channels": [],
 }
@@ -119,6 +127,12 @@ INSTRUMENT_DEFAULTS: dict[str, dict[str, Any]] = {
     # device: DeviceConfig settings (structure, mismatch, ...); seed: None = the world's seed
     "hil_oscillator_chip": {"serial": "OSC-0001", "device": {}, "seed": None,
                             "max_block_bytes": 64_000_000, "io_s": None},
+    # sims.virtual_lab.probes: the Lake Shore 425 gaussmeter's Hall probe on the sample
+    # holder, ``mount_mm`` from the chip origin's design placement (moves with stages x, y, z)
+    "lakeshore_425": {"serial": "4250123", "probe_type": 40, "mount_mm": [0.0, 0.0, 0.0],
+                      "axis": "z", "mount_sigma_mm": 0.05, "gain_sigma_frac": 0.001,
+                      "offset_sigma_g": 0.3, "noise_g": 0.05, "filter_noise_factor": 0.3,
+                      "update_s": 0.1, "io_s": None},
 }
 
 

@@ -8,10 +8,22 @@ error plus what the stages add (``pose``); the chip can be rotated in its plane 
 rotation stage, thesis 4.4).
 
 Fabrication draws (seeded; every value recorded in ``truth()``, thesis 3.4.4, 3.6):
-diode width (lithography at its resolution limit), contact resistance, the lithographic
-position error of every diode (~2 um), a small spread of M_eff and of the eq. 2.11 phase, and
-per device the wire-bond inductance and pad capacitance. Gluing draws the chip's placement
-(~1 mm) and in-plane rotation.
+diode width (lithography at its resolution limit), contact resistance, the position error of
+every diode, a small spread of M_eff and of the eq. 2.11 phase, and per device the wire-bond
+inductance and pad capacitance. Gluing draws the chip's placement (~1 mm) and in-plane
+rotation.
+
+Width, contact, M_eff and phase errors have a part shared by the diodes of one synapse
+(``*_pair_sigma*``: the two diodes sit 40 um apart, exposed, developed and contacted together,
+so dose, focus, film and interface are common) and a smaller independent part (``*_sigma*``).
+The shared part spreads devices (pairs of 45-65 Ohm, thesis 3.4.4; chains' weights off by a
+few %, thesis 3.6) without unbalancing a synapse; only the independent part leaves a residual at dz = 0, which
+the thesis finds "negligible" (2.7.3, Fig. 2.14b). Positions likewise: a synapse moves by
+~2 um (``position_pair_sigma_um``, the lithography's resolution, thesis 3.4.2), while its
+two diodes, drawn in one mask layer, keep their spacing to a fraction of a micrometre
+(``position_sigma_um``; thesis 3.6: dz errors are "in proportion, much smaller than width
+imprecision"). For a device of single diodes (the reference pairs) the whole device shares
+the common part.
 
 Drift (thesis 4.7): the chip's position diffuses (a random walk of a few um per sqrt(hour),
 drawn every ``step_s`` and interpolated in between: creep, smooth over minutes), every stage
@@ -41,6 +53,10 @@ from sims.spindiode import (
     rectified_voltage_v,
 )
 from sims.virtual_lab.drift import GridProcess
+
+#: resonance step for the derivative of the emf in the heating shift (Hz; the response is
+#: smooth on the linewidth's ~100 MHz scale)
+SHIFT_STEP_HZ = 1.0e5
 
 
 @dataclass
@@ -89,6 +105,7 @@ class Sample:
         self.drift_cfg = cfg["drift"]
 
         u, v, sign, devices = [], [], [], {}
+        group: list[tuple[str, int]] = []  # diodes that share fabrication errors (module doc)
         for name, dev in sample["devices"].items():
             ou, ov = (float(x) for x in dev["origin_um"])
             start = len(u)
@@ -103,12 +120,14 @@ class Sample:
                     v += [sv - dz / 2.0, sv + dz / 2.0]
                     sign += [1.0, -1.0]
                     element += [i, i]
+                    group += [(name, i), (name, i)]
             else:
                 for i, d in enumerate(dev["diodes"]):
                     u.append(ou + float(d.get("u_um", 0.0)))
                     v.append(ov + float(d["v_um"]))
                     sign.append(float(d.get("sign", 1)))
                     element.append(i)
+                    group.append((name, -1))
             element_arr = np.array(element, int)
             block_of_element = {e: b for b, block in enumerate(dev["blocks"]) for e in block}
             devices[name] = Device(
@@ -125,14 +144,12 @@ class Sample:
 
         # ---- fabrication (one stream, drawn in a fixed order)
         r = rng_fab
-        self.width_um = np.maximum(fab["diode_width_um"] + r.normal(0, fab["width_sigma_um"], n),
-                                   0.2 * fab["diode_width_um"])
-        self.contact_ohm = np.abs(fab["contact_ohm"] + r.normal(0, fab["contact_sigma_ohm"], n))
+        width_raw = fab["diode_width_um"] + r.normal(0, fab["width_sigma_um"], n)
+        contact_raw = fab["contact_ohm"] + r.normal(0, fab["contact_sigma_ohm"], n)
         self.u_um = self.design_u_um + r.normal(0, fab["position_sigma_um"], n)
         self.v_um = self.design_v_um + r.normal(0, fab["position_sigma_um"], n)
-        self.meff_oe = material.meff_oe * (1 + r.normal(0, fab["meff_sigma_frac"], n))
-        self.phase_deg = material.phase_deg + r.normal(0, fab["phase_sigma_deg"], n)
-        self.film_ohm = fab["sheet_resistance_ohm_sq"] * fab["diode_length_um"] / self.width_um
+        meff_raw = r.normal(0, fab["meff_sigma_frac"], n)
+        phase_raw = r.normal(0, fab["phase_sigma_deg"], n)
         self.nominal_film_ohm = (fab["sheet_resistance_ohm_sq"] * fab["diode_length_um"]
                                  / fab["diode_width_um"])
         self.nominal_ohm = self.nominal_film_ohm + fab["contact_ohm"]
@@ -145,6 +162,22 @@ class Sample:
         sig = fab["placement_sigma_mm"]
         self.placement_error_mm = np.array([r.normal(0, sig[k]) for k in "xyz"])
         self.rotation_error_deg = float(r.normal(0, fab["placement_rotation_sigma_deg"]))
+        # the part shared by a synapse's two diodes (module doc), drawn last so the draws
+        # above keep their order
+        groups = {g: i for i, g in enumerate(dict.fromkeys(group))}
+        gi = np.array([groups[g] for g in group], int)
+        width_common = r.normal(0, fab["width_pair_sigma_um"], len(groups))
+        contact_common = r.normal(0, fab["contact_pair_sigma_ohm"], len(groups))
+        shift_common = r.normal(0, fab["position_pair_sigma_um"], (2, len(groups)))
+        self.u_um = self.u_um + shift_common[0][gi]
+        self.v_um = self.v_um + shift_common[1][gi]
+        meff_common = r.normal(0, fab["meff_pair_sigma_frac"], len(groups))
+        phase_common = r.normal(0, fab["phase_pair_sigma_deg"], len(groups))
+        self.width_um = np.maximum(width_raw + width_common[gi], 0.2 * fab["diode_width_um"])
+        self.contact_ohm = np.abs(contact_raw + contact_common[gi])
+        self.meff_oe = material.meff_oe * (1 + meff_raw + meff_common[gi])
+        self.phase_deg = material.phase_deg + phase_raw + phase_common[gi]
+        self.film_ohm = fab["sheet_resistance_ohm_sq"] * fab["diode_length_um"] / self.width_um
 
         # ---- drift
         d = self.drift_cfg
@@ -157,7 +190,7 @@ class Sample:
                                          * per_sqrt_s, hold_s=d["hold_s"])
         self.kick_mm = np.zeros(3)
         self._cache: dict[str, tuple[Any, Any]] = {}
-        self._responses: dict[str, tuple[Any, np.ndarray]] = {}
+        self._responses: dict[str, tuple[Any, tuple[np.ndarray, ...]]] = {}
 
     # ---- pose and drift
 
@@ -236,10 +269,10 @@ class Sample:
         self._cache[dev.name] = (key, state)
         return state
 
-    def response_v_per_w(self, dev: Device, freq_hz: np.ndarray, pose: Pose, t_s: float,
-                         line_oe: float = 0.0) -> np.ndarray:
-        """DC voltage per watt of each tone arriving on the device's line (eq. 2.11 is linear in
-        power, so a reading multiplies this by the tones' powers). Cached per setting."""
+    def _response_parts(self, dev: Device, freq_hz: np.ndarray, pose: Pose, t_s: float,
+                        line_oe: float) -> tuple[np.ndarray, ...]:
+        """Per tone and diode: (emf per W on the line, its derivative in the resonance shift per
+        Hz, W dissipated per W on the line) and the DC weight of each diode. Cached."""
         key = (pose, self.contact_drift.index(t_s), line_oe, freq_hz.tobytes())
         cached = self._responses.get(dev.name)
         if cached is not None and cached[0] == key:
@@ -249,24 +282,45 @@ class Sample:
         f = freq_hz[:, None]
         per_w = (self.holder_ratio(dev, freq_hz)
                  * bond_transmission(freq_hz, r_chain, dev.bond_h, dev.pad_f))
-        emf = rectified_voltage_v(f, h_ip[None, :], per_w[:, None] * frac[None, :],
-                                  sin2phi0=s2[None, :], phase_deg=self.phase_deg[idx][None, :],
-                                  meff_oe=self.meff_oe[idx][None, :],
-                                  drive_scale=drive[None, :], material=self.material)
-        response = np.asarray(emf @ weight, float)
-        self._responses[dev.name] = (key, response)
-        return response
+        dissipated = per_w[:, None] * frac[None, :]
+        kw = dict(sin2phi0=s2[None, :], phase_deg=self.phase_deg[idx][None, :],
+                  meff_oe=self.meff_oe[idx][None, :], drive_scale=drive[None, :],
+                  material=self.material)
+        emf = np.asarray(rectified_voltage_v(f, h_ip[None, :], dissipated, **kw))
+        if self.material.power_shift_hz_per_w:
+            shifted = np.asarray(rectified_voltage_v(f, h_ip[None, :], dissipated,
+                                                     resonance_shift_hz=SHIFT_STEP_HZ, **kw))
+            slope = (shifted - emf) / SHIFT_STEP_HZ
+        else:
+            slope = np.zeros_like(emf)
+        parts = (emf, slope, dissipated, weight)
+        self._responses[dev.name] = (key, parts)
+        return parts
+
+    def response_v_per_w(self, dev: Device, freq_hz: np.ndarray, pose: Pose, t_s: float,
+                         line_oe: float = 0.0) -> np.ndarray:
+        """DC voltage per watt of each tone arriving on the device's line, in the small-power
+        limit (no heating shift): eq. 2.11 is linear in power."""
+        emf, _, _, weight = self._response_parts(dev, np.asarray(freq_hz, float), pose, t_s,
+                                                 line_oe)
+        return np.asarray(emf @ weight, float)
 
     def device_voltage_v(self, dev: Device, freq_hz: np.ndarray, power_w: np.ndarray,
                          pose: Pose, t_s: float, line_oe: float = 0.0) -> float:
         """DC voltage at the device's port for tones ``(freq_hz, power_w)`` arriving on its line.
 
-        Tones add (thesis 3.4.1): each is rectified independently and the emfs sum.
+        Tones add (thesis 3.4.1): each is rectified independently and the emfs sum. The one
+        exception is heating (thesis 2.7.1): every diode's resonance moves by
+        ``power_shift_hz_per_w`` times the power it dissipates from all tones together
+        (first order in the shift, which stays far below the linewidth).
         """
         if len(freq_hz) == 0:
             return 0.0
         f = np.asarray(freq_hz, float)
-        return float(self.response_v_per_w(dev, f, pose, t_s, line_oe) @ np.asarray(power_w))
+        p = np.asarray(power_w, float)
+        emf, slope, dissipated, weight = self._response_parts(dev, f, pose, t_s, line_oe)
+        shift_hz = self.material.power_shift_hz_per_w * (p @ dissipated)
+        return float((p @ emf + (p @ slope) * shift_hz) @ weight)
 
     # ---- truth
 

@@ -16,10 +16,20 @@ sets the power: nothing below the ~1.7 V threshold, then a jump to a few mW (1-5
 the channel's attenuator), linear up to ~5 V and flat above (thesis 4.5.2). Fixed attenuators
 (13/10/6/0 dB) set the channel maxima (10/13.3/20/40 mW at 1.75/2.25/2.75/3.25 GHz, the
 ERRATA's reading of eq. 4.2), then a combiner (-10 dB) and a final amplifier that compresses on
-the *total* power (1 dB at 100 mW; near it, tones no longer add, which is why thesis 4.5.1
-stays well below it). Each control voltage reaches the parts through a first-order
-lag of a few seconds (the source's stabilisation, thesis 4.7), and the output carries the
-measured noise: ~0.3 % in power, ~2.5e-5 in frequency (Fig. 4.7).
+the *total* power: ``compression_mw`` is its output 1 dB compression point, as a datasheet
+gives it (100 mW, thesis 4.5.1), with a Rapp knee of smoothness 6 (a GaAs gain block), so the
+83.3 mW of all four channels at their maxima lose ~0.2 dB: "below the compression point",
+where tones still add (thesis 4.5.1). Each control voltage reaches the parts through a
+first-order lag (the source's stabilisation, thesis 4.7): ``settle_tau_s`` for the tuning
+ports, half of it for the amplifier supplies; the thesis gives no time constant, only that
+Algorithm 3 takes about an hour per image because of these waits, which the thesis bench's
+60 ms reproduces (``worlds/thesis_bench.yaml``, ``tests/test_lab_timing.py``). The output
+carries the measured noise (Fig. 4.7, thesis 4.6.2: below 0.5 % in power and 0.005 % in
+frequency, and "tends to scale down with the absolute value of delivered power"): a relative
+floor ``power_noise_frac`` / ``freq_noise_frac`` at high power, rising as
+``sqrt(1 + (noise_knee_frac P_max / P)^2)`` at low channel power ``P`` (an absolute noise,
+supply ripple through the amplifier's mW/V slope and the channel's attenuator, that dominates
+when the channel is weak; ``P_max`` is the channel's maximum).
 """
 
 from __future__ import annotations
@@ -224,10 +234,11 @@ class VcoSource:
         n = len(self.units)
         self.tuning = [Lag(spec["settle_tau_s"]) for _ in range(n)]
         self.amplifier = [Lag(spec["settle_tau_s"] / 2) for _ in range(n)]
-        # final amplifier (Rapp): P_out = G P_in / (1 + (G P_in / P_sat)^s)^(1/s), 1 dB down at
-        # P_1dB; s = 3 is a typical solid-state amplifier (0.15 % compression 8 dB below P_1dB)
+        # final amplifier (Rapp): P_out = G P_in / (1 + (G P_in / P_sat)^s)^(1/s); the output is
+        # 1 dB under the linear G P_in = P_1dB 10^0.1 when it reads P_1dB (``compression_mw``)
         s = self.smoothness = float(spec["compression_smoothness"])
-        self.p_sat_w = spec["compression_mw"] * 1e-3 / (10 ** (0.1 * s) - 1) ** (1 / s)
+        linear_1db_w = spec["compression_mw"] * 1e-3 * 10 ** 0.1
+        self.p_sat_w = linear_1db_w / (10 ** (0.1 * s) - 1) ** (1 / s)
 
     def attach(self) -> None:
         """Subscribe to the supplies that feed the tuning ports and the amplifiers."""
@@ -260,21 +271,35 @@ class VcoSource:
 
     def tones(self) -> tuple[np.ndarray, np.ndarray]:
         t = self.world.clock.now_s()
-        freqs, powers = [], []
+        freqs, powers, maxima = [], [], []
         for i in range(len(self.units)):
             p = self.channel_power_w(i, self.amplifier[i].value(t))
             if p > 0:
                 freqs.append(self.channel_freq_hz(i, self.tuning[i].value(t)))
                 powers.append(p)
+                maxima.append(1e-3 * self.units[i]["p_max_mw"])
         if not freqs:
             return EMPTY
-        f = np.array(freqs) * (1 + self.noise.normal(0, self.spec["freq_noise_frac"], len(freqs)))
-        p_in = (np.array(powers) * 10 ** (-self.spec["combiner_loss_db"] / 10)
-                * (1 + self.noise.normal(0, self.spec["power_noise_frac"], len(freqs))))
+        p_ch = np.array(powers)
+        scale = self.noise_scale(p_ch, np.array(maxima))
+        f = np.array(freqs) * (1 + scale * self.noise.normal(0, self.spec["freq_noise_frac"],
+                                                              len(freqs)))
+        p_in = (p_ch * 10 ** (-self.spec["combiner_loss_db"] / 10)
+                * (1 + scale * self.noise.normal(0, self.spec["power_noise_frac"], len(freqs))))
         gain = 10 ** (self.spec["final_amplifier_gain_db"] / 10)
-        total = gain * float(np.sum(p_in))
-        compression = (1.0 + (total / self.p_sat_w) ** self.smoothness) ** (-1 / self.smoothness)
-        return f, gain * p_in * compression
+        return f, gain * p_in * self.compression(gain * float(np.sum(p_in)))
+
+    def noise_scale(self, channel_power_w: np.ndarray, channel_max_w: np.ndarray) -> np.ndarray:
+        """How much the relative noise of a channel grows over its floor at low power
+        (thesis 4.6.2: the noise "tends to scale down with the absolute value of delivered
+        power"; module doc)."""
+        p = np.maximum(np.asarray(channel_power_w, float), 1e-15)
+        return np.sqrt(1.0 + (self.spec["noise_knee_frac"] * channel_max_w / p) ** 2)
+
+    def compression(self, linear_total_w: float) -> float:
+        """Gain ratio of the final amplifier for a total linear output ``linear_total_w``."""
+        s = self.smoothness
+        return float((1.0 + (linear_total_w / self.p_sat_w) ** s) ** (-1 / s))
 
     def truth(self) -> dict[str, Any]:
         t = self.world.clock.now_s()

@@ -5,7 +5,8 @@ model, wired as the world file says (thesis 4.4): the RF sources (the precise ge
 VCO source) feed the source-selector switch, whose common port feeds the output switch, whose
 ports go to the devices' RF lines and to the spectrum analyser; each device's DC port goes to
 a voltmeter channel; stages set the sample's pose in the gradient; a SourceMeter can drive a
-device's current line. So the nanovoltmeter's reading depends on where the stages are, on
+device's current line; a gaussmeter's Hall probe on the holder reads the magnet-array field
+(``probes``). So the nanovoltmeter's reading depends on where the stages are, on
 what the selected source emits, on which switch port is connected, and on lab time (drift,
 source stabilisation).
 
@@ -36,6 +37,7 @@ from sims.virtual_lab.config import (
     load_world_config,
 )
 from sims.virtual_lab.meters import FsvModel, K2182aModel
+from sims.virtual_lab.probes import Ls425Model
 from sims.virtual_lab.sample import Pose, Sample
 from sims.virtual_lab.scpi import InstrumentModel
 from sims.virtual_lab.sources import N5183bModel, RfSourceModel, Smb100aModel, VcoSource
@@ -48,7 +50,7 @@ WORLDS_DIR = Path(__file__).resolve().parent / "worlds"
 MODELS: dict[str, type[InstrumentModel]] = {
     cls.MODEL: cls for cls in (Smb100aModel, N5183bModel, K2182aModel, FsvModel, Hmp4040Model,
                                K2400Model, K2401Model, Rc1sp4tModel, Smc100Model, Kdc101Model,
-                               OscillatorChipModel)
+                               OscillatorChipModel, Ls425Model)
 }
 
 EMPTY = (np.zeros(0), np.zeros(0))

@@ -7,7 +7,8 @@ out of range -222 "Data out of range" (SCPI-99 Vol. 2, chapter 21.8 "Error/event
 ``install_range_errors()`` makes a matched setter whose value fails its specs queue the
 device's ``range_error`` entry (``error_queue: [{q: ..., command_error: ..., range_error:
 ...}]``) and answer nothing, as the instrument does; a device without a ``range_error`` entry
-keeps pyvisa-sim's behaviour. ``SIM_FILE`` is the definitions file.
+keeps pyvisa-sim's behaviour. ``SIM_FILE`` is the definitions file; ``GAUSSMETER_SIM_FILE``
+the Lake Shore 425's.
 
 Imports nothing from the rest of the project.
 """
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 SIM_FILE = Path(__file__).with_name("sim_lab.yaml")
+#: The Lake Shore 425 gaussmeter's definition (its own file: lab configs give it per instrument).
+GAUSSMETER_SIM_FILE = Path(__file__).with_name("lakeshore_425.yaml")
 
 #: Name of the error-queue entry queued when a setter's value fails the property's specs.
 RANGE_ERROR = "range_error"
