@@ -11,7 +11,8 @@ epoch's end; those measurements are reporting and are not counted as device time
 ``offchip`` is the limit of twin steps with no chip step at all: the calibrated twin fine-tuned
 off-chip and uploaded once (device time: calibration and one upload); ``offchip+readout`` the
 same, then the training split measured once on the chip and the host-side readout refitted to
-those measurements (:func:`hil.study.refit_readout_on_chip`).
+those measurements (:func:`hil.study.refit_readout_on_chip`). Any estimator's spec with ``+readout``
+(``twin:every=3+readout``) gets the same refit after its fine-tuning.
 
 The table gives per estimator the final accuracy (median and quartiles over seeds), the device
 time spent, and the device time at which each seed first came within ``within`` (1 point) of
@@ -46,6 +47,17 @@ OFFCHIP_READOUT = "offchip+readout"
 METHODS = (OFFCHIP, OFFCHIP_READOUT)
 
 
+#: an estimator's spec with this suffix: after fine-tuning, the readout is refitted to one pass of
+#: the training split on each chip (:func:`hil.study.refit_readout_on_chip`)
+READOUT_SUFFIX = "+readout"
+
+
+def _split_refit(spec: str) -> tuple[str, bool]:
+    if spec.endswith(READOUT_SUFFIX):
+        return spec[: -len(READOUT_SUFFIX)], True
+    return spec, False
+
+
 def check_settings(estimators: Sequence[str], twin: str, finetune_epochs: int, curve_every: int,
                    level: float) -> None:
     """The study's settings, refused with one clear error before any folder or chip."""
@@ -53,7 +65,7 @@ def check_settings(estimators: Sequence[str], twin: str, finetune_epochs: int, c
         raise ConfigError("--estimators", "at least one estimator is needed")
     for spec in estimators:
         if spec not in METHODS:
-            make_estimator(spec)
+            make_estimator(_split_refit(spec)[0])
     if len(set(estimators)) != len(estimators):
         raise ConfigError("--estimators", f"an estimator is listed twice: {list(estimators)}")
     if twin not in ("nominal", "calibrated"):
@@ -180,6 +192,7 @@ def budget_study(
                     )
                 finals[spec] = rows
             else:
+                base, refit = _split_refit(spec)
                 tr = ChipInTheLoopTrainer(
                     [cfg.model] * K,
                     [ft_loop] * K,
@@ -190,7 +203,7 @@ def budget_study(
                     init=ideal_state,
                     progress=progress,
                     label=spec,
-                    estimator=spec,
+                    estimator=base,
                     curve_every=curve_every,
                 )
                 # the starting point: the ideal weights on the chip, at the device time spent so far
@@ -206,6 +219,15 @@ def budget_study(
                         }
                     )
                 res = tr.fit()
+                if refit:  # the training split once on each chip, the readout refitted to it
+                    for k, be in enumerate(backends):
+                        refit_readout_on_chip(tr.loop.twin, k, be, task)
+                        with tr.loop.measuring_test():
+                            acc = evaluate_on_backend(tr.loop.twin, k, be, task, upload=False)["metric"]
+                        res.final[k][f"test_{metric}"] = acc
+                        tr.curve.append({"seed": cfg.seeds[k], "update": tr.updates + 1,
+                                         "train_device_time_s": tr.loop.train_time_s(k),
+                                         f"test_{metric}": acc})
                 pts += [
                     {
                         "seed": p["seed"],

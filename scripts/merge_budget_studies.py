@@ -42,8 +42,10 @@ def main(argv: list[str]) -> int:
             if rec["estimator"] not in seen:
                 curves[rec["estimator"]].append(rec)
     curves = {e: pts for e, pts in curves.items() if {p["seed"] for p in pts} == set(seeds)}
-    finals = {e: [max((p for p in pts if p["seed"] == s), key=lambda p: (p["train_device_time_s"],
-                                                                        p["update"]))
+    # each seed's last point (the study's final figure; ties, a curve point and the epoch's end
+    # measured at the same weights, go to the later record, as in the study's own table)
+    finals = {e: [max((p for p in pts if p["seed"] == s),
+                      key=lambda p: (p["train_device_time_s"], p["update"], pts.index(p)))
                   for s in seeds] for e, pts in curves.items()}
     table = budget_table(curves, finals, ideal, seeds, metric, 0.01)
     out.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def test_position_tracking_resumes_after_an_interrupt(designed, runs_dir, monkey
             "--ports", "chain2=3", "--trials", "3", "--reopt-trials", "3", "--track-inputs", "5",
             "--every", "2", "--wait-s", "30", "--no-record"]
     assert run(*args) == 0  # uninterrupted
-    (whole,) = runs_dir.glob("*position-optimise")
+    (whole,) = runs_dir.glob("*position-optimise*")
     full = _positions(whole)
     assert full["tracking"]["chain2"]["optimised_at"] == [0, 2, 4]
     capsys.readouterr()
@@ -152,7 +152,7 @@ def test_position_tracking_resumes_after_an_interrupt(designed, runs_dir, monkey
     real = position.measure_inputs_v
 
     def interrupting(*a, **k):  # Ctrl-C while measuring the input after the third saved one
-        for f in runs_dir.glob("*position-optimise/tracking.csv"):
+        for f in runs_dir.glob("*position-optimise*/tracking.csv"):
             if f.parent != whole and len(f.read_text().splitlines()) > 3:
                 raise KeyboardInterrupt
         return real(*a, **k)
@@ -160,7 +160,7 @@ def test_position_tracking_resumes_after_an_interrupt(designed, runs_dir, monkey
     monkeypatch.setattr(position, "measure_inputs_v", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run(*args)
-    (part,) = [p for p in runs_dir.glob("*position-optimise") if p != whole]
+    (part,) = [p for p in runs_dir.glob("*position-optimise*") if p != whole]
     first = json.loads((part / "position_state.json").read_text())
     assert first["sessions"] == 1 and first["lab_time_s"] > 0
     assert first["chains"]["chain2"]["stage_z_mm"] == full["chains"]["chain2"]["stage_z_mm"]

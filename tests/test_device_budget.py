@@ -218,7 +218,8 @@ def test_cli_budget_study_writes_table_plot_and_curves(runs_dir, capsys):
     args = ["study", "budget", "--preset", "digits", "--seeds", "0", "--epochs", "1",
             "--set", "model.n_hidden=4", "--set", "model.n_layers=2", "--set", "train.batch_size=450",
             "--no-progress", "--threads", "1",
-            "--finetune-epochs", "1", "--estimators", "offchip,physics,twin:every=2,spsa:c=0.02/n=1",
+            "--finetune-epochs", "1",
+            "--estimators", "offchip,physics,twin:every=2,spsa:c=0.02/n=1,physics+readout",
             "--curve-every", "1", "--level", "0.1"]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -226,7 +227,12 @@ def test_cli_budget_study_writes_table_plot_and_curves(runs_dir, capsys):
     for name in ("budget_study.json", "budget_study.csv", "budget_study.md", "budget_study.png", "model.pt"):
         assert (folder / name).is_file(), name
     s = json.loads((folder / "budget_study.json").read_text())
-    assert [r["estimator"] for r in s["table"]] == ["offchip", "physics", "twin:every=2", "spsa:c=0.02,n=1"]
+    assert [r["estimator"] for r in s["table"]] == ["offchip", "physics", "twin:every=2", "spsa:c=0.02,n=1",
+                                                    "physics+readout"]
+    # the same chips and fine-tuning as physics, then one more pass on the chip and the refit
+    phys, refit = s["curves"]["physics"], s["curves"]["physics+readout"]
+    assert len(refit) == len(phys) + 1 and refit[:-1] == phys
+    assert refit[-1]["train_device_time_s"] > phys[-1]["train_device_time_s"]
     for spec, pts in s["curves"].items():
         t = [p["train_device_time_s"] for p in pts]
         assert t == sorted(t) and t[0] > 0, spec  # calibration is device time, spent before step 0

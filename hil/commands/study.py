@@ -80,7 +80,9 @@ def register_budget(ssub: Any) -> None:
     b.add_argument("--estimators", default="offchip,physics,twin:every=10,spsa:c=0.02/n=2",
                    help="comma-separated estimators; separate an estimator's own settings with '/' "
                    "(e.g. spsa:c=0.02/n=2); 'offchip' = calibrated twin fine-tuned off-chip, uploaded "
-                   "once (default: offchip,physics,twin:every=10,spsa:c=0.02/n=2)")
+                   "once; any of them + '+readout' (e.g. twin:every=3+readout) then refits the readout "
+                   "to one pass of the training split on the chip "
+                   "(default: offchip,physics,twin:every=10,spsa:c=0.02/n=2)")
     b.add_argument("--level", type=float, default=0.2, help="mismatch (cv of gamma and sigma; default 0.2)")
     b.add_argument("--backend", default="sim", help="sim (default) or lab:<lab config> (virtual clock)")
     b.add_argument("--twin", choices=("nominal", "calibrated"), default="calibrated",
