@@ -47,14 +47,17 @@ class ErrorChecking:
     and stops at the first error (``UndefinedCommand`` naming the command and the error).
 
     ``protocol``: "scpi" (``SYST:ERR?`` until a ``0`` entry), "smc100" (``<addr>TE``, "@" =
-    none) or "status" (the instrument answers each set with its status; nothing to read).
-    ``misspell``: ``{right: wrong}`` substitutions applied to outgoing commands.
+    none), "esr" (``*ESR?``, 0 = none; Lake Shore) or "status" (the instrument answers each set
+    with its status; nothing to read). ``misspell``: ``{right: wrong}`` substitutions applied to
+    outgoing commands. ``stop=False`` only records the errors (``errors``) and goes on.
     """
 
-    def __init__(self, inner: Any, protocol: str, misspell: dict[str, str] | None = None) -> None:
+    def __init__(self, inner: Any, protocol: str, misspell: dict[str, str] | None = None,
+                 stop: bool = True) -> None:
         self.inner = inner
         self.protocol = protocol
         self.misspell = misspell or {}
+        self.stop = stop
         self.errors: list[tuple[str, str]] = []
         self.sent: list[str] = []
 
@@ -77,6 +80,8 @@ class ErrorChecking:
         return command
 
     def _is_error_query(self, command: str) -> bool:
+        if self.protocol == "esr":
+            return command == "*ESR?"
         return (command == "SYST:ERR?" if self.protocol == "scpi"
                 else bool(re.fullmatch(r"\d+TE", command)))
 
@@ -90,12 +95,16 @@ class ErrorChecking:
                 if int(re.match(r"\s*([+-]?\d+)", reply).group(1)) == 0:
                     break
                 self.errors.append((command, reply))
+        elif self.protocol == "esr":
+            reply = self.inner.query("*ESR?")
+            if int(reply) != 0:
+                self.errors.append((command, reply))
         else:
             address = re.match(r"\d+", command).group(0)
             reply = self.inner.query(f"{address}TE")
             if reply != f"{address}TE@":
                 self.errors.append((command, reply))
-        if len(self.errors) > before:
+        if len(self.errors) > before and self.stop:
             raise UndefinedCommand(f"{command!r}: the instrument reported "
                                    f"{self.errors[before][1]}")
 

@@ -9,7 +9,6 @@ for the measured numbers.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -19,6 +18,8 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 from spy import sim_backend
+from test_calibration_cli import only_run, run
+from test_drivers_definitions import ErrorChecking
 
 import sims
 from calibration.field import (
@@ -32,7 +33,6 @@ from calibration.reference import ReferenceMap, SweepPlan, kittel_hz
 from drivers.base import DriverError, IdentityError, InstrumentError, LimitError
 from drivers.gaussmeter import LakeShore425
 from drivers.registry import DRIVERS
-from hil.commands import calibrate
 from hil.errors import ConfigError, HilError
 from hil.lab import load_lab_config, open_lab
 from sims.virtual_lab import World, WorldConfigError
@@ -55,43 +55,9 @@ def sim425(tmp_path: Path) -> str:
     return f"{path}@sim"
 
 
-class EsrChecking:
-    """A transport that reads ``*ESR?`` after every command it passes on and keeps any
-    non-zero register with the command that set it; ``misspell`` alters outgoing commands."""
-
-    def __init__(self, inner: Any, misspell: dict[str, str] | None = None) -> None:
-        self.inner, self.misspell = inner, misspell or {}
-        self.errors: list[tuple[str, str]] = []
-        self.sent: list[str] = []
-
-    address = property(lambda self: self.inner.address)
-    timeout_ms = property(lambda self: self.inner.timeout_ms)
-
-    def _out(self, command: str) -> str:
-        for right, wrong in self.misspell.items():
-            command = command.replace(right, wrong)
-        self.sent.append(command)
-        return command
-
-    def _check(self, command: str) -> None:
-        if command != "*ESR?":
-            reply = self.inner.query("*ESR?")
-            if int(reply) != 0:
-                self.errors.append((command, reply))
-
-    def write(self, command: str) -> None:
-        command = self._out(command)
-        self.inner.write(command)
-        self._check(command)
-
-    def query(self, command: str) -> str:
-        command = self._out(command)
-        reply = self.inner.query(command)
-        self._check(command)
-        return reply
-
-    def close(self) -> None:
-        self.inner.close()
+def EsrChecking(inner: Any, misspell: dict[str, str] | None = None) -> ErrorChecking:
+    """The definitions test's checking transport on ``*ESR?``, recording errors (not stopping)."""
+    return ErrorChecking(inner, "esr", misspell, stop=False)
 
 
 def _exercise(g: LakeShore425) -> None:
@@ -355,18 +321,6 @@ def test_probe_zero_plus_offset_holds_the_field_zero(mocker):
 
 
 # --------------------------------------------------------------------------- commands
-
-
-def run(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="hil")
-    calibrate.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
-
-
-def only_run(root: Path, kind: str) -> Path:
-    (path,) = [p for p in root.iterdir() if p.name.endswith(kind)]
-    return path
 
 
 def test_hil_calibrate_field_writes_and_prints_its_lab_time(runs_dir, capsys):
