@@ -57,7 +57,10 @@ def test_two_workers_share_a_postgresql_study(postgres_url, tmp_path, capsys):
     """Two worker processes (as on two machines) run one study in a real PostgreSQL server."""
     env = {**os.environ, "HIL_RUNS": str(tmp_path / "runs")}
     n = 6
-    argv = ["tune", *TINY, "--storage", postgres_url, "--study-name", "shared", "--n-trials", str(n),
+    # trials of ~8 updates each: with TINY's single update the first worker once finished all six
+    # before the second had started (CI dry run), and "both workers ran trials" failed
+    longer = [*TINY, "--set", "train.batch_size=50", "--set", "model.n_hidden=16"]
+    argv = ["tune", *longer, "--storage", postgres_url, "--study-name", "shared", "--n-trials", str(n),
             "--batch", "1"]
     procs = [_hil([*argv, "--sampler-seed", str(i), "--name", f"w{i}"], env) for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -70,7 +73,7 @@ def test_two_workers_share_a_postgresql_study(postgres_url, tmp_path, capsys):
     assert all(t.state == TrialState.COMPLETE for t in trials), [t.state for t in trials]
     assert _unique_configs(trials)
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers ran trials
-    assert study.user_attrs["base_config"]["model"]["n_hidden"] == 4
+    assert study.user_attrs["base_config"]["model"]["n_hidden"] == 16
     # the password never reaches the terminal or a run folder
     password = postgres_url.split(":")[2].split("@")[0]
     assert all(password not in out for out in outs)
