@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from calibration.chain import approach_z
-from calibration.source import SourceCalibration, SourceWiring, _drv, measure_settling
+from calibration.source import SettledTooFast, SourceCalibration, SourceWiring, _drv, measure_settling
 from drivers.nanovoltmeter import differential_measurement
 from drivers.rf_switch import SwitchGate
 
@@ -124,8 +124,8 @@ def measure_source_settling(lab: Any, cal: SourceCalibration, channel: int, *, i
         try:
             out = measure_settling(lab, cal, channel, interval_s=interval_s, duration_s=duration_s,
                                    **kwargs)
-        except RuntimeError as exc:
-            if "settled before" not in str(exc) or not finer:
+        except SettledTooFast:
+            if not finer:
                 raise
         else:
             if not finer or out["tau_s"] >= 3 * float(np.median(np.diff(out["t_s"]))):

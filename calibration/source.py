@@ -238,6 +238,10 @@ def set_tone(lab: Any, cal: SourceCalibration, channel: int, freq_hz: float, pow
     return tuning_v, amp_v
 
 
+class SettledTooFast(RuntimeError):
+    """The step settled before enough readings: sample faster (``interval_s``)."""
+
+
 def measure_settling(lab: Any, cal: SourceCalibration, channel: int, *, v_from: float | None = None,
                      v_to: float | None = None, duration_s: float = 6.0, interval_s: float = 0.1,
                      wiring: SourceWiring | None = None) -> dict[str, Any]:
@@ -280,7 +284,7 @@ def measure_settling(lab: Any, cal: SourceCalibration, channel: int, *, v_from: 
     gap = (v_to - v_est) / (v_to - v_from)
     use = gap > 0.03
     if use.sum() < 4:
-        raise RuntimeError(f"channel {channel}: the step settled before 4 readings; lower interval_s")
+        raise SettledTooFast(f"channel {channel}: the step settled before 4 readings; lower interval_s")
     slope, intercept = np.polyfit(t[use], np.log(gap[use]), 1)
     if slope >= 0:
         raise RuntimeError(f"channel {channel}: the power does not settle towards the new setting")

@@ -82,12 +82,11 @@ def train_in_the_loop(config: RunConfig | str | Path, *, backend: str = "sim", d
     seed, ``estimator`` (``physics``, ``twin:every=K``, ``spsa:c=C,n=N``; see
     :mod:`hil.estimators`), an optional ``device_budget_s`` per chip, from the weights of the
     trained run ``init``."""
-    from hil.chip_in_loop import train_in_the_loop_run
-    from hil.estimators import make_estimator
+    from hil.chip_in_loop import check_loop_settings, train_in_the_loop_run
     from hil.runs import load_run
 
     cfg = _config(config)
-    make_estimator(estimator)  # a wrong spec stops here, before any folder or chip
+    check_loop_settings(estimator, device_budget_s, curve_every)  # before any folder or chip
     if init is not None:
         p = Path(init)
         load_run(p if p.is_dir() else p.parent)

@@ -99,8 +99,9 @@ class Backend(ABC):
         self.counters["host_seconds"] += host
         # programming the chip is device time too (issue 22): what the chip reports, or else the
         # wall time of the call (a real bench is busy for as long as the upload takes)
-        self.counters["device_time_s"] += float(took) if took is not None else host
-        self.counters["upload_time_s"] += float(took) if took is not None else host
+        took = float(took) if took is not None else host
+        self.counters["device_time_s"] += took
+        self.counters["upload_time_s"] += took
         self.uploaded = True
 
     def run(self, inputs: Any) -> Measurement:

@@ -225,18 +225,8 @@ def budget_study(
                         with tr.loop.measuring_test():
                             acc = evaluate_on_backend(tr.loop.twin, k, be, task, upload=False)["metric"]
                         res.final[k][f"test_{metric}"] = acc
-                        tr.curve.append({"seed": cfg.seeds[k], "update": tr.updates + 1,
-                                         "train_device_time_s": tr.loop.train_time_s(k),
-                                         f"test_{metric}": acc})
-                pts += [
-                    {
-                        "seed": p["seed"],
-                        "update": p["update"],
-                        "train_device_time_s": p["train_device_time_s"],
-                        f"test_{metric}": p[f"test_{metric}"],
-                    }
-                    for p in tr.curve
-                ]
+                        tr.curve_record(k, res.final[k]["epoch"], acc, readout_refit=True)
+                pts += tr.curve
                 finals[spec] = [
                     {
                         "seed": cfg.seeds[k],
@@ -341,6 +331,23 @@ def budget_table(
     return rows
 
 
+def table_markdown(table: list[dict[str, Any]], metric: str) -> list[str]:
+    """The table of :func:`budget_table` as Markdown lines (header and one row per estimator)."""
+    lines = [
+        f"| estimator | final {metric} median (IQR) | gap to ideal (points) | device time per chip (s) "
+        "| seeds within | time to within (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in table:
+        f, d = r["final"], r["device_time_s"]
+        ttw = f"{r['time_to_within_s']:.3f}" if r["time_to_within_s"] is not None else "not reached"
+        lines.append(
+            f"| {r['estimator']} | {100 * f['median']:.2f} % ({100 * f['q25']:.2f}-{100 * f['q75']:.2f}) "
+            f"| {r['gap_to_ideal_points']:+.2f} | {d['median']:.3f} | {r['reached']}/{r['n']} | {ttw} |"
+        )
+    return lines
+
+
 def _write(table: list[dict[str, Any]], summary: dict[str, Any], folder: RunFolder) -> None:
     metric = summary["metric"]
     with open(folder.file("budget_study.csv"), "w", newline="", encoding="utf-8") as fh:
@@ -381,15 +388,6 @@ def _write(table: list[dict[str, Any]], summary: dict[str, Any], folder: RunFold
         f"{100 * ideal['q75']:.2f}). 'Within' = within {summary['within_points']:g} point of each "
         "seed's ideal accuracy; time to within = median over the seeds when more than half got there.",
         "",
-        f"| estimator | final {metric} median (IQR) | gap to ideal (points) | device time per chip (s) "
-        "| seeds within | time to within (s) |",
-        "|---|---|---|---|---|---|",
+        *table_markdown(table, metric),
     ]
-    for r in table:
-        f, d = r["final"], r["device_time_s"]
-        ttw = f"{r['time_to_within_s']:.3f}" if r["time_to_within_s"] is not None else "not reached"
-        lines.append(
-            f"| {r['estimator']} | {100 * f['median']:.2f} % ({100 * f['q25']:.2f}-{100 * f['q75']:.2f}) "
-            f"| {r['gap_to_ideal_points']:+.2f} | {d['median']:.3f} | {r['reached']}/{r['n']} | {ttw} |"
-        )
     Path(folder.file("budget_study.md")).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -143,9 +143,11 @@ class ChipInTheLoop(nn.Module):
         self.twin_steps = 0  # training steps on the twin alone (no device time)
         # device time spent measuring the test split (reporting only: not part of the budget)
         self.test_time_s = [0.0] * twin.K
-        # trials whose chip is still used; a stopped trial's chip is left idle (its states come
-        # from the twin), so that it spends no more device time
+        # trials whose chip is still trained; a stopped trial's chip is left idle in training
+        # steps (its states come from the twin), so that it spends no more device time; it is
+        # still measured when the network is evaluated
         self.active: torch.Tensor = torch.ones(twin.K, dtype=torch.bool)
+        self._idle = torch.zeros(twin.K, dtype=torch.bool)  # this pass's idle trials
 
     # ---------------------------------------------------------------- what the trainer uses
     kind = property(lambda self: self.twin.kind)
@@ -187,9 +189,11 @@ class ChipInTheLoop(nn.Module):
                 self.monitor.check(self.twin, self.backends, self.steps)
                 self.invalidate()
         tw = self.twin
-        if torch.is_grad_enabled():
+        training = torch.is_grad_enabled()
+        self._idle = ~self.active if training else torch.zeros_like(self.active)
+        if training:
             xs = self.estimator.forward(self, u.contiguous())
-        else:  # evaluation: always measured on the chip
+        else:  # evaluation: every trial measured on its chip
             xs = ChipFunction.apply(self, u.contiguous(), tw.W_in, tw.W_rec, tw.bias)
         y_last = (self.last_filtered[:, :, -1] if self.last_filtered is not None
                   else torch.zeros_like(xs[:, :, -1]))
@@ -203,15 +207,13 @@ class ChipInTheLoop(nn.Module):
         tw = self.twin
         Wm = W_rec * tw.mask
         xs_all, ys_all = [], []
-        idle_ys: list[torch.Tensor] = []
         free = None
         for k, be in enumerate(self.backends):
-            if not bool(self.active[k]):  # stopped: the chip stays idle, the twin stands in
+            if bool(self._idle[k]):  # stopped, training: the chip stays idle, the twin stands in
                 if free is None:
                     free, _ = tw(u)
                 xs_all.append(free[k].clone())
-                ys_all.append(idle := torch.zeros_like(free[k]))
-                idle_ys.append(idle)
+                ys_all.append(torch.zeros_like(free[k]))  # placeholder filter outputs
                 continue
             cur = (W_in[k].detach(), Wm[k].detach(), bias[k].detach())
             last = self._uploaded[k]
@@ -230,9 +232,9 @@ class ChipInTheLoop(nn.Module):
                 xs_all.append(x)
                 ys_all.append(None)  # type: ignore[arg-type]
         xs = torch.stack(xs_all)
-        measured_ys = [y for y in ys_all if not any(y is i for i in idle_ys)]
         # an idle trial's filter outputs are placeholders; they count only if a chip measured some
-        ys = (torch.stack(ys_all) if measured_ys and all(y is not None for y in ys_all) else None)
+        ys = (torch.stack(ys_all) if not bool(self._idle.all()) and all(y is not None for y in ys_all)
+              else None)
         self.last_filtered = ys
         return xs, ys
 
@@ -265,7 +267,6 @@ class ChipInTheLoop(nn.Module):
         return {"steps": self.steps, "backward_calls": self.backward_calls,
                 "nonfinite_backward": self.nonfinite_backward, "chip_steps": self.chip_steps,
                 "twin_steps": self.twin_steps, "test_time_s": list(self.test_time_s),
-                "active": self.active.clone(),
                 "uploaded": [None if u is None else list(u) for u in self._uploaded],
                 "estimator": self.estimator.state(),
                 "monitor": None if self.monitor is None else {
@@ -277,7 +278,6 @@ class ChipInTheLoop(nn.Module):
         for key in ("steps", "backward_calls", "nonfinite_backward", "chip_steps", "twin_steps"):
             setattr(self, key, int(state[key]))
         self.test_time_s = [float(v) for v in state["test_time_s"]]
-        self.active = state["active"].clone()
         self.estimator.load_state(state["estimator"])
         if self.monitor is not None and state["monitor"] is not None:
             self.monitor.baseline = {int(k): float(v) for k, v in state["monitor"]["baseline"].items()}
@@ -287,6 +287,19 @@ class ChipInTheLoop(nn.Module):
             # a chip that could not be put back as it was gets the parameters uploaded again
             u = state["uploaded"][k]
             self._uploaded[k] = tuple(u) if same_chip and u is not None else None
+
+
+def check_loop_settings(estimator: Estimator | str | None, device_budget_s: float | None,
+                        curve_every: int, source: str | None = None, seed: int = 0) -> Estimator:
+    """The estimator (built from its spec, a stochastic one seeded with ``seed``), or one
+    :class:`ConfigError` for a wrong spec, a device budget that is not > 0 or a negative
+    ``curve_every``: the trainer, the job, the CLI and the API check these before anything is
+    opened."""
+    if device_budget_s is not None and not device_budget_s > 0:
+        raise ConfigError("--device-budget", f"must be > 0 seconds, got {device_budget_s}", source)
+    if curve_every < 0:
+        raise ConfigError("--curve-every", f"must be >= 0, got {curve_every}", source)
+    return estimator if isinstance(estimator, Estimator) else make_estimator(estimator, seed)
 
 
 class TwinTrainer(Trainer):
@@ -341,29 +354,40 @@ class ChipInTheLoopTrainer(Trainer):
             if user_log:
                 user_log(rec)
 
-        if device_budget_s is not None and not device_budget_s > 0:
-            raise ConfigError("--device-budget", f"must be > 0 seconds, got {device_budget_s}")
-        if curve_every < 0:
-            raise ConfigError("--curve-every", f"must be >= 0, got {curve_every}")
+        estimator = check_loop_settings(estimator, device_budget_s, curve_every, seed=seeds[0])
         super().__init__(model_cfgs, train_cfgs, seeds, task, log=with_counters, progress=progress,
                          label=label, checkpoint=checkpoint)
         twin = self.net
         _prepare(twin, init, twins)
-        if not isinstance(estimator, Estimator):
-            estimator = make_estimator(estimator, seed=seeds[0])
         self.net = ChipInTheLoop(twin, backends, monitor, estimator)  # type: ignore[assignment]
         self.loop: ChipInTheLoop = self.net  # type: ignore[assignment]
         self.loop.active = self.active  # the same tensor: a stopped trial's chip goes idle
         self.device_budget_s = device_budget_s
         self.curve_every = int(curve_every)
-        self.updates = 0
         self.curve: list[dict[str, Any]] = []
         self._snapshot()
         # the best weights so far, by the chip-measured score (the start counts as -inf)
         self.best_score = [-float("inf")] * self.K
         self.best_params = [self._trial_state(k)[0] for k in range(self.K)]
-        self.budget_stopped: list[int] = []
         self.user_log = user_log
+
+    @property
+    def updates(self) -> int:
+        """Training updates so far (each is one training forward of the loop)."""
+        return self.loop.steps
+
+    @property
+    def budget_stopped(self) -> list[int]:
+        """Trials stopped by the device budget."""
+        return [k for k, st in enumerate(self.statuses) if st.status == "budget"]
+
+    def curve_record(self, k: int, epoch: int, value: float, **flags: bool) -> dict[str, Any]:
+        """One point of trial ``k``'s accuracy-vs-device-time curve, kept in ``curve``."""
+        rec = {"event": "curve", "epoch": epoch, "update": self.updates, "seed": self.seeds[k],
+               "trial": k, f"test_{self.task.metric_name}": value,
+               "train_device_time_s": self.loop.train_time_s(k), **flags}
+        self.curve.append(rec)
+        return rec
 
     # ------------------------------------------------------------- device time
     def _progress_extra(self) -> str:
@@ -378,7 +402,6 @@ class ChipInTheLoopTrainer(Trainer):
             return super()._evaluate(split)
 
     def _after_update(self, epoch: int) -> None:
-        self.updates += 1
         if self.device_budget_s is not None:
             for k in range(self.K):
                 if self.active[k] and self.loop.train_time_s(k) >= self.device_budget_s:
@@ -388,15 +411,11 @@ class ChipInTheLoopTrainer(Trainer):
 
     def _curve_point(self, epoch: int) -> None:
         """Measure the test split now (not counted in the budget) and log one point per trial."""
-        metric = self.task.metric_name
         ev = self._evaluate("test")
-        for k, seed in enumerate(self.seeds):
+        for k in range(self.K):
             if not self.active[k]:  # a stopped trial's last point is its final one (fit)
                 continue
-            rec = {"event": "curve", "epoch": epoch, "update": self.updates, "seed": seed, "trial": k,
-                   f"test_{metric}": float(ev["metric"][k]),
-                   "train_device_time_s": self.loop.train_time_s(k)}
-            self.curve.append(rec)
+            rec = self.curve_record(k, epoch, float(ev["metric"][k]))
             if self.user_log:
                 self.user_log(rec)
 
@@ -409,7 +428,6 @@ class ChipInTheLoopTrainer(Trainer):
                          f"({self.loop.train_time_s(k):.3f} s); best weights so far put back")
         for n, p in self.net.named_parameters():
             p[k].copy_(self.best_params[k][n])
-        self.budget_stopped.append(k)
 
     def _epoch_done(self, epoch: int, evals: dict[str, dict[str, torch.Tensor]],
                     train_metric: torch.Tensor) -> None:
@@ -418,27 +436,21 @@ class ChipInTheLoopTrainer(Trainer):
             if self.active[k] and float(score[k]) > self.best_score[k]:
                 self.best_score[k] = float(score[k])
                 self.best_params[k] = self._trial_state(k)[0]
-        metric = self.task.metric_name
-        for k, seed in enumerate(self.seeds):
+        for k in range(self.K):
             if self.active[k]:
-                rec = {"event": "curve", "epoch": epoch, "update": self.updates, "seed": seed, "trial": k,
-                       f"test_{metric}": float(evals["test"]["metric"][k]),
-                       "train_device_time_s": self.loop.train_time_s(k), "epoch_end": True}
-                self.curve.append(rec)
+                self.curve_record(k, epoch, float(evals["test"]["metric"][k]), epoch_end=True)
 
     def fit(self) -> TrainResult:
         result = super().fit()
-        if self.budget_stopped:  # the final records: the put-back best weights, measured on the chip
+        stopped = self.budget_stopped
+        if stopped:  # the final records: the put-back best weights, measured on the chip
             metric = self.task.metric_name
             ev = self._evaluate("test")
-            for k in self.budget_stopped:
+            for k in stopped:
                 f = result.final[k]
                 f[f"test_{metric}"] = float(ev["metric"][k])
                 f["test_loss"] = float(ev["loss"][k])
-                rec = {"event": "curve", "epoch": f["epoch"], "update": self.updates, "seed": self.seeds[k],
-                       "trial": k, f"test_{metric}": f[f"test_{metric}"],
-                       "train_device_time_s": self.loop.train_time_s(k), "final": True}
-                self.curve.append(rec)
+                rec = self.curve_record(k, f["epoch"], f[f"test_{metric}"], final=True)
                 if self.user_log:
                     self.user_log(rec)
         return result
@@ -446,22 +458,19 @@ class ChipInTheLoopTrainer(Trainer):
     # ------------------------------------------------------------- checkpoint / resume
     def resume_state(self, next_epoch: int, seconds: float = 0.0) -> dict[str, Any]:
         st = super().resume_state(next_epoch, seconds)
-        st["chip"] = {"loop": self.loop.state(), "updates": self.updates,
-                      "curve": copy.deepcopy(self.curve), "best_score": list(self.best_score),
-                      "best_params": [dict(b) for b in self.best_params],
-                      "budget_stopped": list(self.budget_stopped)}
+        # which trials are stopped, and why, is the trainer's own state (active, statuses)
+        st["chip"] = {"loop": self.loop.state(), "curve": copy.deepcopy(self.curve),
+                      "best_score": list(self.best_score),
+                      "best_params": [dict(b) for b in self.best_params]}
         return st
 
     def load_resume_state(self, state: dict[str, Any]) -> None:
         super().load_resume_state(state)
         c = state["chip"]
         self.loop.load_state(c["loop"])
-        self.loop.active = self.active
-        self.updates = int(c["updates"])
         self.curve = list(c["curve"])
         self.best_score = [float(v) for v in c["best_score"]]
         self.best_params = [dict(b) for b in c["best_params"]]
-        self.budget_stopped = [int(k) for k in c["budget_stopped"]]
 
 
 @torch.no_grad()
@@ -506,7 +515,7 @@ def train_in_the_loop_run(cfg: RunConfig, folder: RunFolder, backend: str,
 
     if twin not in ("nominal", "calibrated"):
         raise ConfigError("--twin", f"unknown twin {twin!r}; allowed: nominal, calibrated")
-    make_estimator(estimator)  # a wrong --estimator stops here, before any chip is opened
+    check_loop_settings(estimator, device_budget_s, curve_every)  # before any chip is opened
     settings = {"backend": backend, "device": plain(device), "twin": twin, "init": init,
                 "monitor_every": monitor_every, "monitor_ratio": monitor_ratio, "estimator": estimator,
                 "device_budget_s": device_budget_s, "curve_every": curve_every}

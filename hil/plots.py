@@ -139,7 +139,8 @@ def device_time_curves(curves: dict[str, list[dict[str, Any]]], metric: str, pat
             ax.set_xlabel("training device time per chip, calibration included (s)")
         ax.set_ylabel(f"test {metric} on the chip (%)")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a single point per seed leaves the right panel empty
+            ax.legend(loc="lower right", fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

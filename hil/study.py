@@ -41,6 +41,23 @@ METHOD_LABELS = {"ideal": "ideal model", "nominal_upload": "nominal weights uplo
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
+def measured_features(net: DynamicalNetwork, backend: Backend, task: Task, split: str,
+                      keep_states: bool = False) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """Run ``split`` on ``backend`` (what is programmed there now) and return what the readout
+    reads: the last layer's measured outputs (the last point only unless the task labels every
+    step), ``(B, T', N)``, and, with ``keep_states``, the measured states per chunk."""
+    data = task.splits[split]
+    feats, states = [], []
+    for i in range(0, len(data), EVAL_CHUNK):
+        m = backend.run(data.x[i : i + EVAL_CHUNK])
+        last = torch.as_tensor(m.outputs, dtype=net.W_out.dtype)
+        feats.append(net.output_of(last if task.per_step else last[:, -1:]))
+        if keep_states and m.states is not None:
+            states.append(m.states)
+    return torch.cat(feats), states
+
+
+@torch.no_grad()
 def evaluate_on_backend(net: DynamicalNetwork, k: int, backend: Backend, task: Task, split: str = "test",
                         upload: bool = True, keep_states: bool = False) -> dict[str, Any]:
     """Trial ``k``'s parameters on ``backend``: loss and metric of the digital readout applied to
@@ -48,17 +65,8 @@ def evaluate_on_backend(net: DynamicalNetwork, k: int, backend: Backend, task: T
     data = task.splits[split]
     if upload:
         backend.upload(net.layer_weights(k))
-    outs, states = [], []
-    for i in range(0, len(data), EVAL_CHUNK):
-        m = backend.run(data.x[i : i + EVAL_CHUNK])
-        last = torch.as_tensor(m.outputs, dtype=torch.float32)
-        if not task.per_step:
-            last = last[:, -1:]
-        y = net.output_of(last)
-        outs.append(y @ net.W_out[k].T + net.b_out[k])
-        if keep_states and m.states is not None:
-            states.append(m.states)
-    out = torch.cat(outs).unsqueeze(0)
+    feats, states = measured_features(net, backend, task, split, keep_states)
+    out = (feats @ net.W_out[k].T + net.b_out[k]).unsqueeze(0)
     res: dict[str, Any] = {"loss": float(task.loss(out, data.y)[0]),
                            "metric": float(task.metric(out, data.y)[0])}
     if keep_states:
@@ -78,13 +86,7 @@ def refit_readout_on_chip(net: DynamicalNetwork, k: int, backend: Backend, task:
     data = task.splits[split]
     if upload:
         backend.upload(net.layer_weights(k))
-    with torch.no_grad():
-        feats = []
-        for i in range(0, len(data), EVAL_CHUNK):
-            m = backend.run(data.x[i : i + EVAL_CHUNK])
-            last = torch.as_tensor(m.outputs, dtype=net.W_out.dtype)
-            feats.append(net.output_of(last if task.per_step else last[:, -1:]))
-        y_feat = torch.cat(feats).unsqueeze(0)  # (1, B, T', N)
+    y_feat = measured_features(net, backend, task, split)[0].unsqueeze(0)  # (1, B, T', N)
     W = net.W_out[k].detach().clone().requires_grad_(True)
     b = net.b_out[k].detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([W, b], lr=lr)

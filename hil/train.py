@@ -228,6 +228,7 @@ class Trainer:
         for k in torch.nonzero(bad & self.active).flatten().tolist():
             self._rollback(k, "non-finite loss or state", epoch)
         metric = self.task.metric(out.detach(), y)
+        self._after_update(epoch)
         return losses.detach(), metric, fin.detach()
 
     # ------------------------------------------------------------- epochs
@@ -240,7 +241,6 @@ class Trainer:
             idx = perms[:, i : i + bs]
             x, y = data.x[idx], data.y[idx]
             loss, metric, _ = self._update(x, y, epoch)
-            self._after_update(epoch)
             b = idx.shape[1]
             losses += loss * b  # a diverged batch: NaN for the epoch (null in metrics.jsonl)
             metrics += metric * b
@@ -248,7 +248,8 @@ class Trainer:
         return losses / counts, metrics / counts
 
     def _after_update(self, epoch: int) -> None:
-        """Called after every update of a batched epoch (chip-in-the-loop: device budget, curve)."""
+        """Called after every update, whatever the epoch's scheme (chip-in-the-loop: the device
+        budget, the curve)."""
         return None
 
     def _epoch_done(self, epoch: int, evals: dict[str, dict[str, torch.Tensor]],

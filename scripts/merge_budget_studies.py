@@ -18,10 +18,17 @@ from pathlib import Path
 import torch
 
 from hil import plots
-from hil.budget_study import budget_table
+from hil.budget_study import budget_table, table_markdown
 from hil.runs import RunFolder, load_run
 from hil.study import evaluate_model
 from hil.train import summarize
+
+
+def _last_point(pts: list[dict], seed: int) -> dict:
+    """A seed's last point, the study's final figure (ties, a curve point and the epoch's end
+    measured at the same weights, go to the later record, as in the study's own table)."""
+    return max((p["train_device_time_s"], p["update"], i, p) for i, p in enumerate(pts)
+               if p["seed"] == seed)[-1]
 
 
 def main(argv: list[str]) -> int:
@@ -42,24 +49,13 @@ def main(argv: list[str]) -> int:
             if rec["estimator"] not in seen:
                 curves[rec["estimator"]].append(rec)
     curves = {e: pts for e, pts in curves.items() if {p["seed"] for p in pts} == set(seeds)}
-    # each seed's last point (the study's final figure; ties, a curve point and the epoch's end
-    # measured at the same weights, go to the later record, as in the study's own table)
-    finals = {e: [max((p for p in pts if p["seed"] == s),
-                      key=lambda p: (p["train_device_time_s"], p["update"], pts.index(p)))
-                  for s in seeds] for e, pts in curves.items()}
+    finals = {e: [_last_point(pts, s) for s in seeds] for e, pts in curves.items()}
     table = budget_table(curves, finals, ideal, seeds, metric, 0.01)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"Merged budget studies ({', '.join(f.name for f in folders)}); ideal median "
              f"{100 * summarize(ideal)['median']:.2f} %, per seed "
              f"{', '.join(f'{100 * a:.1f}' for a in ideal)}", "",
-             f"| estimator | final {metric} median (IQR) | gap to ideal (points) | device time per chip (s) "
-             "| seeds within 1 point | time to within (s) |", "|---|---|---|---|---|---|"]
-    for r in table:
-        f_, d = r["final"], r["device_time_s"]
-        ttw = f"{r['time_to_within_s']:.3f}" if r["time_to_within_s"] is not None else "not reached"
-        lines.append(f"| {r['estimator']} | {100 * f_['median']:.2f} % ({100 * f_['q25']:.2f}-"
-                     f"{100 * f_['q75']:.2f}) | {r['gap_to_ideal_points']:+.2f} | {d['median']:.3f} "
-                     f"| {r['reached']}/{r['n']} | {ttw} |")
+             *table_markdown(table, metric)]
     (out / "budget_merged.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     RunFolder(out).write_json("budget_merged.json", {"ideal": ideal, "table": table,
                                                       "folders": [str(f) for f in folders]})

@@ -67,11 +67,13 @@ def test_budget_stop_keeps_the_best_weights_and_idles_the_chip(digits):
     tc = TrainConfig(epochs=6, batch_size=300, lr0=0.02)
     tr = ChipInTheLoopTrainer([MC] * 2, [tc] * 2, [0, 1], digits, be, progress=False, device_budget_s=0.1)
     saved = []
+    test_s_at_stop = {}
     orig = tr._stop_on_budget
 
     def spy(k, epoch):
         saved.append((k, {n: p[k].detach().clone() for n, p in tr.net.named_parameters()},
                       {n: v.clone() for n, v in tr.best_params[k].items()}, tr.best_score[k]))
+        test_s_at_stop[k] = tr.loop.test_time_s[k]
         orig(k, epoch)
 
     tr._stop_on_budget = spy
@@ -85,8 +87,9 @@ def test_budget_stop_keeps_the_best_weights_and_idles_the_chip(digits):
             assert torch.equal(after[n], best[n]), n
         assert math.isfinite(score)  # an epoch had ended: the best weights are measured ones
         assert any(not torch.equal(before[n], best[n]) for n in best)  # training had moved on
-    # the final test figure is the put-back weights', measured on the chip
+    # the final test figure is the put-back weights', measured on the chip (not the twin)
     assert [c for c in tr.curve if c.get("final")] and len(tr.budget_stopped) == 2
+    assert all(tr.loop.test_time_s[k] > test_s_at_stop[k] for k in (0, 1))
 
 
 def test_budget_and_estimator_settings_are_checked(digits):
@@ -323,3 +326,20 @@ def test_cli_train_budget_and_estimator_errors(runs_dir, capsys, args, words):
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not runs_dir.exists() or not [p for p in runs_dir.iterdir() if p.is_dir()]  # no run folder
+
+
+def test_budget_stops_a_task_trained_as_one_series():
+    """Sine/square trains on one long series (an update per epoch, not per batch): the budget is
+    checked after every update there too."""
+    from hil.config import load_config
+    from hil.tasks import make_task
+
+    cfg = load_config(None, preset="sine_square", seeds="0",
+                      overrides=["train.bptt=full", "train.epochs=4", "model.n_hidden=4"])
+    task = make_task(cfg.task, cfg.train.output_gain)
+    chip = make_backend("sim", cfg.model, task.n_in, task.input_centre, 0)
+    tr = ChipInTheLoopTrainer([cfg.model], [cfg.train], [0], task, [chip], progress=False,
+                              device_budget_s=0.03)
+    res = tr.fit()
+    assert res.final[0]["status"] == "budget" and tr.budget_stopped == [0]
+    assert tr.updates < cfg.train.epochs  # stopped before the last epoch

@@ -210,20 +210,14 @@ def _every_seed_failed(args: argparse.Namespace, failed: Any) -> int:
 def _run_in_the_loop(args: argparse.Namespace, cfg: RunConfig) -> int:
     from pathlib import Path
 
-    from hil.chip_in_loop import train_in_the_loop_run
-    from hil.errors import ConfigError
+    from hil.chip_in_loop import check_loop_settings, train_in_the_loop_run
     from hil.runs import load_run
 
     if args.init:  # a missing, corrupt or unsafe checkpoint stops here, before any folder or chip
         p = Path(args.init)
         load_run(p if p.is_dir() else p.parent)
-    from hil.estimators import make_estimator
-
-    make_estimator(args.estimator)  # a wrong spec stops here, before any folder or chip
-    if args.device_budget is not None and not args.device_budget > 0:
-        raise ConfigError("--device-budget", f"must be > 0 seconds, got {args.device_budget}", "command line")
-    if args.curve_every < 0:
-        raise ConfigError("--curve-every", f"must be >= 0, got {args.curve_every}", "command line")
+    # a wrong estimator, budget or curve setting stops here, before any folder or chip
+    check_loop_settings(args.estimator, args.device_budget, args.curve_every, "command line")
     folder = RunFolder.create("train-in-the-loop", args.runs_dir, args.name or cfg.task.name)
     print(f"run folder: {folder}", file=sys.stderr)
     summary = train_in_the_loop_run(cfg, folder, args.backend, args.device, twin=args.twin, init=args.init,
