@@ -10,27 +10,31 @@ chain's MAC sum_i w_i x_i (V_max from the position optimisation, eq. 4.4).
 Two ways of measuring a set of images, on the same instruments and with the same settling
 criterion (``ToneSource``: the source's power within ``eps`` of full scale of its target):
 
-- ``Algorithm3``, as the thesis writes it: every patch, row by row: set the four tones and
-  wait for the source to stabilise (a wait long enough for any step, since the algorithm does
-  not know how far the source moved); then for each chain: move z to the chain's optimum,
-  select the chain, and measure RF on/off by switching the source's inputs off and on (the
-  thesis's differential measurement with its own source; 4.6.2: "the spin-diode measurement
-  requires to switch on and off the input, and this is time-consuming").
-- ``Planned``, the measurement plan: (1) never measure what is known: an all-zero patch gives
-  0 V (no RF, nothing to rectify) and a patch already measured in this block (the images
-  between two position optimisations) is reused; (2) RF on/off with the source-selector switch
-  (port 0: nothing connected), so the source stays settled, and the RF-off offset of a chain
-  is measured again only when older than ``offset_reuse_s`` (it drifts over minutes); (3)
-  chains whose optimal stage z agree within ``group_um`` share one stage position, and the
-  z groups are visited either once per block (a settle per patch per group) or at every
-  patch (one settle per patch, a move per group), whichever the measured settling time and
-  move time make cheaper; (4) the unique patches are ordered greedily so that consecutive
-  ones need small changes of the amplifier voltages, and each change waits only as long as
-  the measured settling time constant says that change needs.
+- ``Algorithm3Plan`` (``plan="algorithm3"``), as the thesis writes it: every patch, row by
+  row: set the four tones and wait for the source to stabilise (a wait long enough for any
+  step, since the algorithm does not know how far the source moved); then for each chain: move
+  z to the chain's optimum, select the chain, and measure RF on/off by switching the source's
+  inputs off and on (the thesis's differential measurement with its own source; 4.6.2: "the
+  spin-diode measurement requires to switch on and off the input, and this is
+  time-consuming").
+- ``PlannedPlan`` (``plan="planned"``), the measurement plan: (1) never measure what is known:
+  an all-zero patch gives 0 V (no RF, nothing to rectify) and a patch already measured in this
+  block (the images between two position optimisations) is reused; (2) RF on/off with the
+  source-selector switch (port 0: nothing connected), so the source stays settled, and the
+  RF-off offset of a chain is measured again only when older than ``offset_reuse_s`` (it
+  drifts over minutes); (3) chains whose optimal stage z agree within ``group_um`` share one
+  stage position, and the z groups are visited either once per block (a settle per patch per
+  group) or at every patch (one settle per patch, a move per group), whichever the measured
+  settling time and move time make cheaper; (4) the unique patches are ordered greedily so
+  that consecutive ones need small changes of the amplifier voltages, and each change waits
+  only as long as the measured settling time constant says that change needs.
 
 What this bench cannot do in parallel: its output switch feeds one chain at a time, so the
 nanovoltmeter's second channel has nothing to read at the same time; a bench that splits the
 RF to several chains wired to separate channels would allow it (not implemented).
+
+A plan is an object with a ``name`` and ``measure_block`` (:class:`MeasurementPlan`);
+``Convolver(plan=...)`` takes one, or a name of :data:`PLANS`.
 
 Every procedure books its lab time (``lab.clock``: the virtual clock or the wall clock) and
 instrument operations in a ``Ledger`` by activity. RF is off (amplifiers at 0 V, selector at
@@ -44,7 +48,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -246,10 +250,10 @@ class ToneSource:
         """Tuning voltages to the operating frequencies, outputs on, amplifiers at 0 V."""
         with self.ledger.on("source settling"):
             for ch, f in zip(self.tones.channels, self.tones.freq_hz, strict=True):
-                self.amp.set_voltage_v(ch, 0.0)
-                self.amp.set_output(ch, True)
-                self.tune.set_voltage_v(ch, self.cal.tuning_for(ch, f))
-                self.tune.set_output(ch, True)
+                self.amp.channel(ch).set_voltage_v(0.0)
+                self.amp.channel(ch).set_output(True)
+                self.tune.channel(ch).set_voltage_v(self.cal.tuning_for(ch, f))
+                self.tune.channel(ch).set_output(True)
                 self.ledger.count("supply commands", 4)
             self.lab.sleep(self.tuning_settle_s)
         self._from_v[:] = 0.0
@@ -261,7 +265,7 @@ class ToneSource:
         est = self.estimate_v(t)
         for i, ch in enumerate(self.tones.channels):
             if volts[i] != self.target_v[i]:
-                self.amp.set_voltage_v(ch, float(volts[i]))
+                self.amp.channel(ch).set_voltage_v(float(volts[i]))
                 self.ledger.count("supply commands")
                 self._from_v[i], self._since_s[i] = est[i], t
                 self.target_v[i] = volts[i]
@@ -293,8 +297,8 @@ class ToneSource:
         """Amplifiers to 0 V and outputs off, every channel tried (error paths)."""
         for ch in self.tones.channels:
             try:
-                self.amp.set_voltage_v(ch, 0.0)
-                self.amp.set_output(ch, False)
+                self.amp.channel(ch).set_voltage_v(0.0)
+                self.amp.channel(ch).set_output(False)
             except Exception:  # keep switching the others off
                 continue
         self.target_v[:] = 0.0
@@ -351,23 +355,163 @@ def patches_2x2(images: np.ndarray) -> np.ndarray:
     return np.stack([p[:, :-1, :-1], p[:, :-1, 1:], p[:, 1:, :-1], p[:, 1:, 1:]], axis=-1)
 
 
+# --------------------------------------------------------------------------- measurement plans
+
+
+@runtime_checkable
+class MeasurementPlan(Protocol):
+    """How a :class:`Convolver` measures one block of images (those between two position
+    optimisations)."""
+
+    name: str
+
+    def measure_block(self, conv: Convolver, block: range, patches: np.ndarray, volts: np.ndarray,
+                      measured: np.ndarray, per_image_s: list[float],
+                      done: Callable[[range], None]) -> None:
+        """Measure the images ``block`` (indices into ``patches`` (N, H, W, 4)): fill their
+        ``volts`` (N, chains, H, W) and ``measured`` (N, H, W), append each image's lab time to
+        ``per_image_s`` and call ``done(indices)`` as soon as images are finished."""
+        ...
+
+
+class Algorithm3Plan:
+    """Algorithm 3 as the thesis writes it (module doc): image by image, every patch, every
+    chain, RF on/off with the source's own inputs after a full-scale settling wait."""
+
+    name = "algorithm3"
+
+    def measure_block(self, conv: Convolver, block: range, patches: np.ndarray, volts: np.ndarray,
+                      measured: np.ndarray, per_image_s: list[float],
+                      done: Callable[[range], None]) -> None:
+        for i in block:
+            ti = conv.lab.clock.now_s()
+            self.measure_image(conv, patches[i], volts[i], measured[i])
+            per_image_s.append(conv.lab.clock.now_s() - ti)
+            done(range(i, i + 1))
+
+    def measure_image(self, conv: Convolver, patches: np.ndarray, volts: np.ndarray,
+                      measured: np.ndarray) -> None:
+        """One image: ``patches`` (H, W, 4), ``volts`` (chains, H, W), ``measured`` (H, W)."""
+        gate = SourceGate(conv.source)
+        conv.reset_state()
+        conv.lab["source_switch"].port = conv.source_port
+        fixed, conv.source.fixed_wait_s = conv.source.fixed_wait_s, conv.source.full_scale_wait_s()
+        try:
+            h, w = patches.shape[:2]
+            for g in range(h):
+                for hh in range(w):
+                    conv.source.apply(patches[g, hh])
+                    for c, chain in enumerate(conv.chains):
+                        conv._move(chain.stage_z_mm)
+                        conv._select(chain.port)
+                        volts[c, g, hh] = conv._read(gate, c)
+                        conv.ledger.count("chain measurements")
+                    measured[g, hh] = True
+        finally:
+            conv.source.fixed_wait_s = fixed
+
+
+class PlannedPlan:
+    """The measurement plan (module doc): a block at once, known patches skipped, unique ones
+    ordered for short settling waits, RF on/off with the selector switch."""
+
+    name = "planned"
+
+    def measure_block(self, conv: Convolver, block: range, patches: np.ndarray, volts: np.ndarray,
+                      measured: np.ndarray, per_image_s: list[float],
+                      done: Callable[[range], None]) -> None:
+        t0 = conv.lab.clock.now_s()
+        sl = slice(block.start, block.stop)
+        self.measure_images(conv, patches[sl], volts[sl], measured[sl])
+        dt = (conv.lab.clock.now_s() - t0) / len(block)
+        per_image_s += [dt] * len(block)  # the block's time shared equally
+        done(block)
+
+    def measure_images(self, conv: Convolver, patches: np.ndarray, volts: np.ndarray,
+                       measured: np.ndarray) -> None:
+        """The images of one block: ``patches`` (n, H, W, 4), ``volts`` (n, chains, H, W),
+        ``measured`` (n, H, W).
+
+        Chains at different z: either one pass per z group (a settle per patch per group) or
+        every group at each patch (one settle per patch, a stage move per group per patch),
+        whichever the bench's own timings (settling time constant, mean move time) make
+        cheaper.
+        """
+        source, ledger = conv.source, conv.ledger
+        flat = patches.reshape(-1, patches.shape[-1])
+        encoded = source.encode(flat)
+        source.clipped += int(np.sum((flat > 0) & (np.abs(encoded - flat) > 1e-12)))
+        nonzero = encoded.sum(axis=1) > 0
+        unique, inverse = np.unique(encoded[nonzero], axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        ledger.count("patches", len(flat))
+        ledger.count("patches known zero", int((~nonzero).sum()))
+        ledger.count("patches repeated", int(nonzero.sum() - len(unique)))
+        v_unique = np.zeros((len(unique), len(conv.chains)))
+        gate = SwitchGate(conv.lab["source_switch"], on_port=conv.source_port, off_port=0)
+        conv.lab["source_switch"].port = 0
+        conv.reset_state()
+        groups = conv.z_groups()
+        order = conv.order_patches(unique)
+        settle_s = 0.5 * source.full_scale_wait_s()  # a typical ordered step (log scale)
+        patch_major = len(groups) > 1 and (len(groups) - 1) * settle_s > len(groups) * 2 * conv._move_s()
+        ledger.count("blocks patch-major" if patch_major else "blocks group-major")
+
+        def read(c: int) -> float:
+            return conv._read_planned(gate, c) if conv.offset_reuse_s > 0 else conv._read(gate, c)
+
+        if patch_major:
+            for j in order:
+                source.apply(unique[j])
+                for g, z in groups:
+                    conv._move(z)
+                    conv._measure_group(j, g, v_unique, read)
+        else:
+            for g, z in groups:
+                conv._move(z)
+                for j in order:
+                    source.apply(unique[j])
+                    conv._measure_group(j, g, v_unique, read)
+        out = np.zeros((len(flat), len(conv.chains)))
+        out[np.flatnonzero(nonzero)] = v_unique[inverse]
+        n, h, w = patches.shape[:3]
+        volts[...] = out.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
+        measured[...] = nonzero.reshape(n, h, w)
+
+
+PLANS: dict[str, type[MeasurementPlan]] = {"planned": PlannedPlan, "algorithm3": Algorithm3Plan}
+
+
+def make_plan(plan: str | MeasurementPlan) -> MeasurementPlan:
+    """``plan`` itself if it is a plan object, else a new plan of that name in :data:`PLANS`."""
+    if isinstance(plan, str):
+        if plan not in PLANS:
+            raise ValueError(f"plan must be one of {', '.join(repr(k) for k in PLANS)} or a "
+                             f"MeasurementPlan object, got {plan!r}")
+        return PLANS[plan]()
+    if not isinstance(plan, MeasurementPlan):
+        raise TypeError(f"plan must be a name ({', '.join(PLANS)}) or an object with name and "
+                        f"measure_block (MeasurementPlan), got {type(plan).__name__}")
+    return plan
+
+
 class Convolver:
-    """Measures the MACs of images on the placed chains (see the module doc for ``plan``).
+    """Measures the MACs of images on the placed chains with ``plan`` (a
+    :class:`MeasurementPlan`, or its name in :data:`PLANS`; see the module doc).
 
     ``reoptimise(lab, chains, ledger)`` is called before the first image and every ``every``
     images (thesis 4.7: every ten images); it may update the chains' z and V_max.
     """
 
     def __init__(self, lab: Any, source: ToneSource, chains: list[PlacedChain], ledger: Ledger, *,
-                 plan: str = "planned", n_avg: int = 1, every: int = 10, group_um: float = 3.0,
-                 offset_reuse_s: float = 30.0,
+                 plan: str | MeasurementPlan = "planned", n_avg: int = 1, every: int = 10,
+                 group_um: float = 3.0, offset_reuse_s: float = 30.0,
                  reoptimise: Callable[[Any, list[PlacedChain], Ledger], None] | None = None,
                  source_port: int | None = None, progress: Callable[[int, int], None] | None = None
                  ) -> None:
-        if plan not in ("planned", "algorithm3"):
-            raise ValueError(f"plan must be 'planned' or 'algorithm3', got {plan!r}")
+        self.plan: MeasurementPlan = make_plan(plan)
         self.lab, self.source, self.chains, self.ledger = lab, source, chains, ledger
-        self.plan, self.n_avg, self.every, self.group_um = plan, n_avg, every, group_um
+        self.n_avg, self.every, self.group_um = n_avg, every, group_um
         self.offset_reuse_s = offset_reuse_s
         self._offset: dict[int, tuple[float, float]] = {}  # chain -> (lab time, RF-off volts)
         self._gate_on = False
@@ -439,14 +583,14 @@ class Convolver:
             self.ledger.count("rf gate changes", 2 * self.n_avg)
         return r.mean_v
 
-    # ---- plans
+    # ---- running a plan
 
     def run(self, images: np.ndarray,
             on_done: Callable[[range, np.ndarray, np.ndarray], None] | None = None) -> MacResult:
         """``images``: (N, H, W) input values in [0, 1]. Each image's MACs use the V_max of the
         optimisation before it. ``on_done(indices, mac, volts)`` is called as soon as images
-        are finished (after each block for the plan, each image for Algorithm 3), so a caller
-        can save them before the run ends."""
+        are finished (as the plan finishes them: after each block for the measurement plan,
+        each image for Algorithm 3), so a caller can save them before the run ends."""
         images = np.asarray(images, float)
         n, h, w = images.shape
         k = len(self.chains)
@@ -471,19 +615,7 @@ class Convolver:
                     with self.ledger.on("re-optimisation"):
                         self.reoptimise(self.lab, self.chains, self.ledger)
                 block = range(b0, min(n, b0 + self.every))
-                t0 = self.lab.clock.now_s()
-                if self.plan == "algorithm3":
-                    for i in block:
-                        ti = self.lab.clock.now_s()
-                        self._algorithm3_image(patches[i], volts[i], measured[i])
-                        per_image.append(self.lab.clock.now_s() - ti)
-                        done(range(i, i + 1))
-                else:
-                    sl = slice(block.start, block.stop)
-                    self._planned_block(patches[sl], volts[sl], measured[sl])
-                    dt = (self.lab.clock.now_s() - t0) / len(block)
-                    per_image += [dt] * len(block)
-                    done(block)
+                self.plan.measure_block(self, block, patches, volts, measured, per_image, done)
         finally:
             self.source.shutdown()
             self.lab["source_switch"].port = 0
@@ -492,26 +624,6 @@ class Convolver:
     def _tick(self, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(done, total)
-
-    def _algorithm3_image(self, patches: np.ndarray, volts: np.ndarray, measured: np.ndarray) -> None:
-        """Algorithm 3 as written (module doc)."""
-        gate = SourceGate(self.source)
-        self.reset_state()
-        self.lab["source_switch"].port = self.source_port
-        fixed, self.source.fixed_wait_s = self.source.fixed_wait_s, self.source.full_scale_wait_s()
-        try:
-            h, w = patches.shape[:2]
-            for g in range(h):
-                for hh in range(w):
-                    self.source.apply(patches[g, hh])
-                    for c, chain in enumerate(self.chains):
-                        self._move(chain.stage_z_mm)
-                        self._select(chain.port)
-                        volts[c, g, hh] = self._read(gate, c)
-                        self.ledger.count("chain measurements")
-                    measured[g, hh] = True
-        finally:
-            self.source.fixed_wait_s = fixed
 
     def groups(self) -> list[list[int]]:
         """Chains whose optimal z agree within ``group_um``: measured at one stage position."""
@@ -558,54 +670,6 @@ class Convolver:
         """Mean lab time of a stage move so far (0.5 s before the first)."""
         n = self.ledger.ops.get("stage moves", 0)
         return self.ledger.time_s.get("stage moves", 0.0) / n if n else 0.5
-
-    def _planned_block(self, patches: np.ndarray, volts: np.ndarray, measured: np.ndarray) -> None:
-        """The measurement plan (module doc) for the images of one block.
-
-        Chains at different z: either one pass per z group (a settle per patch per group) or
-        every group at each patch (one settle per patch, a stage move per group per patch),
-        whichever the bench's own timings (settling time constant, mean move time) make
-        cheaper.
-        """
-        flat = patches.reshape(-1, patches.shape[-1])
-        encoded = self.source.encode(flat)
-        self.source.clipped += int(np.sum((flat > 0) & (np.abs(encoded - flat) > 1e-12)))
-        nonzero = encoded.sum(axis=1) > 0
-        unique, inverse = np.unique(encoded[nonzero], axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        self.ledger.count("patches", len(flat))
-        self.ledger.count("patches known zero", int((~nonzero).sum()))
-        self.ledger.count("patches repeated", int(nonzero.sum() - len(unique)))
-        v_unique = np.zeros((len(unique), len(self.chains)))
-        gate = SwitchGate(self.lab["source_switch"], on_port=self.source_port, off_port=0)
-        self.lab["source_switch"].port = 0
-        self.reset_state()
-        groups = self.z_groups()
-        order = self.order_patches(unique)
-        settle_s = 0.5 * self.source.full_scale_wait_s()  # a typical ordered step (log scale)
-        patch_major = len(groups) > 1 and (len(groups) - 1) * settle_s > len(groups) * 2 * self._move_s()
-        self.ledger.count("blocks patch-major" if patch_major else "blocks group-major")
-
-        def read(c: int) -> float:
-            return self._read_planned(gate, c) if self.offset_reuse_s > 0 else self._read(gate, c)
-
-        if patch_major:
-            for j in order:
-                self.source.apply(unique[j])
-                for g, z in groups:
-                    self._move(z)
-                    self._measure_group(j, g, v_unique, read)
-        else:
-            for g, z in groups:
-                self._move(z)
-                for j in order:
-                    self.source.apply(unique[j])
-                    self._measure_group(j, g, v_unique, read)
-        out = np.zeros((len(flat), len(self.chains)))
-        out[np.flatnonzero(nonzero)] = v_unique[inverse]
-        n, h, w = patches.shape[:3]
-        volts[...] = out.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
-        measured[...] = nonzero.reshape(n, h, w)
 
 
 def fit_v_max(conv: Convolver, patches: np.ndarray) -> dict[str, float]:

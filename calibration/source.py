@@ -154,7 +154,7 @@ class SourceCalibration:
 def _vco_off(amp: Any, channels: Sequence[int]) -> None:
     """Amplifier supplies to 0 V: below the threshold, no RF from the VCO source."""
     for ch in channels:
-        amp.set_voltage_v(ch, 0.0)
+        amp.channel(ch).set_voltage_v(0.0)
 
 
 def calibrate_source(lab: Any, operating_freq_hz: dict[int, float], wiring: SourceWiring | None = None,
@@ -181,15 +181,15 @@ def calibrate_source(lab: Any, operating_freq_hz: dict[int, float], wiring: Sour
         lab["source_switch"].port = w.vco_source_port
         lab["switch"].port = w.analyzer_port
         for ch in channels:
-            amp.set_voltage_v(ch, 0.0)
-            amp.set_output(ch, True)
-            tune.set_output(ch, True)
+            amp.channel(ch).set_voltage_v(0.0)
+            amp.channel(ch).set_output(True)
+            tune.channel(ch).set_output(True)
         for ch in channels:
             say(f"channel {ch}: frequency vs tuning voltage")
-            amp.set_voltage_v(ch, 4.0)
+            amp.channel(ch).set_voltage_v(4.0)
             freqs = []
             for v in tuning:
-                tune.set_voltage_v(ch, float(v))
+                tune.channel(ch).set_voltage_v(float(v))
                 lab.sleep(w.settle_s)
                 freqs.append(measure_tone(sa, 1)[0])
             f_arr, v_arr = np.array(freqs), np.array(tuning, float)
@@ -198,15 +198,15 @@ def calibrate_source(lab: Any, operating_freq_hz: dict[int, float], wiring: Sour
             tmp = ChannelCalibration(ch, v_arr.tolist(), f_arr.tolist(), operating_freq_hz[ch],
                                      [], [], 0.0, 0.0, [])
             cal.channels[ch] = tmp
-            tune.set_voltage_v(ch, cal.tuning_for(ch, operating_freq_hz[ch]))
+            tune.channel(ch).set_voltage_v(cal.tuning_for(ch, operating_freq_hz[ch]))
             say(f"channel {ch}: power vs amplifier voltage")
             powers = []
             for v in amps:
-                amp.set_voltage_v(ch, float(v))
+                amp.channel(ch).set_voltage_v(float(v))
                 lab.sleep(w.settle_s)
                 f, p = measure_tone(sa, w.n_avg, operating_freq_hz[ch], 40e6)
                 powers.append(p + cal.attenuation_db(f))
-            amp.set_voltage_v(ch, 0.0)
+            amp.channel(ch).set_voltage_v(0.0)
             a_arr, p_arr = np.array(amps, float), np.array(powers)
             p_mw = 10 ** (p_arr / 10)
             # the fitted range (thesis: linear from 1.7 to 5 V): above the threshold jump,
@@ -233,8 +233,8 @@ def set_tone(lab: Any, cal: SourceCalibration, channel: int, freq_hz: float, pow
     """Set one channel to (freq_hz, power_dbm before the switches); returns the voltages."""
     w = wiring or SourceWiring()
     tuning_v, amp_v = cal.settings(channel, freq_hz, power_dbm)
-    _drv(lab, w.tuning_role).set_voltage_v(channel, tuning_v)
-    _drv(lab, w.amplifier_role).set_voltage_v(channel, amp_v)
+    _drv(lab, w.tuning_role).channel(channel).set_voltage_v(tuning_v)
+    _drv(lab, w.amplifier_role).channel(channel).set_voltage_v(amp_v)
     return tuning_v, amp_v
 
 
@@ -263,12 +263,12 @@ def measure_settling(lab: Any, cal: SourceCalibration, channel: int, *, v_from: 
     try:
         lab["source_switch"].port = w.vco_source_port
         lab["switch"].port = w.analyzer_port
-        tune.set_voltage_v(channel, cal.tuning_for(channel, c.operating_freq_hz))
-        tune.set_output(channel, True)
-        amp.set_output(channel, True)
-        amp.set_voltage_v(channel, v_from)
+        tune.channel(channel).set_voltage_v(cal.tuning_for(channel, c.operating_freq_hz))
+        tune.channel(channel).set_output(True)
+        amp.channel(channel).set_output(True)
+        amp.channel(channel).set_voltage_v(v_from)
         lab.sleep(w.settle_s)
-        amp.set_voltage_v(channel, v_to)
+        amp.channel(channel).set_voltage_v(v_to)
         t0 = lab.clock.now_s()
         while lab.clock.now_s() - t0 < duration_s:
             ta = lab.clock.now_s()

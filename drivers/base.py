@@ -13,6 +13,9 @@
   failed exchange (a timeout, a broken link) the instrument's error queue is read at once
   (``drain_errors``) and what it held is reported with the command that caused it, so the
   error is not blamed on the next, valid command.
+- ``Clock``: lab time for every wait and timeout of a driver (``now_s``, ``sleep``).
+  ``WALL_CLOCK`` is a real bench's; a simulated bench passes its own clock at open time
+  (``open(..., clock=...)``), so a stage's poll interval and its timeout both run in lab time.
 
 Imports nothing from the rest of the project.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar, runtime_checkable
@@ -69,6 +73,39 @@ class InstrumentTimeout(DriverError, TimeoutError):
 
 class ProtocolError(DriverError):
     """The instrument answered something the driver cannot interpret."""
+
+
+# --------------------------------------------------------------------------- clock
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Lab time in seconds: what a driver's waits and timeouts run on.
+
+    ``now_s`` is monotonic (only differences matter); ``sleep`` lets ``seconds`` of lab time
+    pass. A simulated bench's clock (``sims.virtual_lab.VirtualClock``) has both methods and
+    fits without importing anything from here.
+    """
+
+    def now_s(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class WallClock:
+    """A real bench's clock: ``time.monotonic`` and ``time.sleep``."""
+
+    @staticmethod
+    def now_s() -> float:
+        return time.monotonic()
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
+
+
+#: The default clock of every driver.
+WALL_CLOCK: Clock = WallClock()
 
 
 # --------------------------------------------------------------------------- limits
@@ -434,6 +471,9 @@ class Instrument:
     Subclasses set the class attributes below and implement ``_identify``, ``check_errors``,
     ``safe_shutdown`` and (optionally) ``_configure`` (run once at connect, after the
     identity check; this is where an instrument's own protective limits are set).
+
+    ``clock`` is what every wait and timeout of the driver runs on: the wall clock unless
+    another is given at open time (a simulated bench's clock, a fake in tests).
     """
 
     MODEL: ClassVar[str] = ""
@@ -451,9 +491,10 @@ class Instrument:
 
     def __init__(self, transport: Transport, *, name: str | None = None,
                  limits: Mapping[str, Any] | None = None,
-                 options: Mapping[str, Any] | None = None) -> None:
+                 options: Mapping[str, Any] | None = None, clock: Clock | None = None) -> None:
         self.transport = transport
         self.name = name or self.MODEL
+        self.clock: Clock = WALL_CLOCK if clock is None else clock
         self.identity = ""
         self._closed = False
         try:
@@ -506,7 +547,8 @@ class Instrument:
     @classmethod
     def open(cls, address: str, backend: str = "", *, timeout_ms: float | None = None,
              **kwargs: Any) -> Self:
-        """Open the address and connect (identity check, protective limits)."""
+        """Open the address and connect (identity check, protective limits); ``kwargs`` go to
+        the constructor (``name``, ``limits``, ``options``, ``clock``)."""
         return cls(cls.open_transport(address, backend, timeout_ms), **kwargs)
 
     # ---- identity

@@ -13,7 +13,9 @@ R&S HMP4040, checked against the HMP series SCPI programmer's manual ("Command r
 INSTrument, SOURce, OUTPut, MEASure subsystems): ``INSTrument:NSELect 1..4`` selects the
 channel the following commands act on; ``VOLTage``, ``CURRent`` (the current limit),
 ``VOLTage:PROTection`` (OVP), ``OUTPut[:STATe]`` per channel, ``OUTPut:GENeral`` (master),
-``MEASure:VOLTage?``/``MEASure:CURRent?``. Each channel: 0-32 V, 0-10 A.
+``MEASure:VOLTage?``/``MEASure:CURRent?``. Each channel: 0-32 V, 0-10 A. The driver's
+channels are objects (``hmp.ch1``, ``hmp.channels[0]``, ``hmp.channel(n)``), as QCoDeS models
+multi-channel instruments; each selects its channel before every command it sends.
 
 At connect each driver sets the instrument's own protection to the configured maxima (the
 2400's compliance and OVP, the HMP's per-channel OVP) and lowers any setpoint above them, so
@@ -22,6 +24,7 @@ the limits hold even for commands that do not come through this driver.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import ClassVar
 
 from drivers.base import (
@@ -115,8 +118,89 @@ class Keithley2401(Keithley2400):
                              "current_a": Range(0.0, 1.05, "A")}
 
 
+class HMP4040Channel:
+    """One output channel of an HMP4040 (``hmp.channels[0]`` is ``hmp.ch1``).
+
+    Every command selects the channel first (``INST:NSEL n``), since the HMP applies
+    ``VOLT``, ``CURR``, ``OUTP`` and ``MEAS`` to the selected channel. The channel shares its
+    supply's transport, its limits (one set for all four channels, checked before anything is
+    sent) and its error handling: each setting is followed by the supply's error check, and an
+    exception inside the supply's ``with`` block switches every output off.
+    """
+
+    def __init__(self, supply: RohdeSchwarzHMP4040, number: int) -> None:
+        self.supply = supply
+        self.number = number
+
+    def __repr__(self) -> str:
+        return f"<{self.supply.describe()} channel {self.number}>"
+
+    def select(self) -> None:
+        """Make this channel the target of the following channel commands."""
+        self.supply.set(f"INST:NSEL {self.number}")
+
+    def _checked(self, limit: str, value: float) -> float:
+        return self.supply.limits[limit].check(f"{limit} (channel {self.number})", value,
+                                               instrument=self.supply.describe())
+
+    def set_voltage_v(self, voltage_v: float) -> None:
+        """Voltage setpoint (1 mV resolution), checked before anything is sent."""
+        value = self._checked("voltage_v", voltage_v)
+        self.select()
+        self.supply.set(f"VOLT {value:.3f}")
+
+    def voltage_v(self) -> float:
+        """Voltage setpoint as the supply reads it back."""
+        self.select()
+        return self.supply.query_float("VOLT?")
+
+    def set_current_a(self, current_a: float) -> None:
+        """Current limit (1 mA resolution), checked before anything is sent."""
+        value = self._checked("current_a", current_a)
+        self.select()
+        self.supply.set(f"CURR {value:.3f}")
+
+    def current_a(self) -> float:
+        """Current limit as the supply reads it back."""
+        self.select()
+        return self.supply.query_float("CURR?")
+
+    def set_output(self, enabled: bool) -> None:
+        """Switch this channel's output on or off (the master ``OUTP:GEN`` is not touched)."""
+        if not isinstance(enabled, bool):
+            raise LimitError(f"enabled must be True or False, got {enabled!r} (channel "
+                             f"{self.number}); nothing was sent",
+                             instrument=self.supply.describe())
+        self.select()
+        self.supply.set(f"OUTP {ON_OFF[enabled]}")
+
+    def output_on(self) -> None:
+        self.set_output(True)
+
+    def output_off(self) -> None:
+        self.set_output(False)
+
+    def output_enabled(self) -> bool:
+        self.select()
+        return parse_bool(self.supply.query("OUTP?"))
+
+    def measure_voltage_v(self) -> float:
+        """Voltage measured at the output terminals."""
+        self.select()
+        return self.supply.query_float("MEAS:VOLT?")
+
+    def measure_current_a(self) -> float:
+        """Current measured through the output."""
+        self.select()
+        return self.supply.query_float("MEAS:CURR?")
+
+
 class RohdeSchwarzHMP4040(ScpiInstrument):
-    """R&S (Hameg) HMP4040: four isolated 32 V / 10 A channels (thesis 4.5 VCO/amp supply)."""
+    """R&S (Hameg) HMP4040: four isolated 32 V / 10 A channels (thesis 4.5 VCO/amp supply).
+
+    The channels are ``HMP4040Channel`` objects: ``channels`` (``channels[0]`` is channel 1),
+    ``ch1`` ... ``ch4``, or ``channel(n)`` for a channel number held in a variable.
+    """
 
     MODEL = "R&S HMP4040"
     KIND = "dc_source"
@@ -126,70 +210,44 @@ class RohdeSchwarzHMP4040(ScpiInstrument):
     HARD_LIMITS: ClassVar = {"voltage_v": Range(0.0, 32.0, "V"),
                              "current_a": Range(0.0, 10.0, "A")}
 
-    def _channel(self, channel: int) -> int:
-        if isinstance(channel, bool) or channel not in self.CHANNELS:
-            raise LimitError(f"channel must be one of {self.CHANNELS}, got {channel!r}; "
+    @cached_property
+    def channels(self) -> tuple[HMP4040Channel, ...]:
+        """The four channels, in order (``channels[0]`` is channel 1)."""
+        return tuple(HMP4040Channel(self, number) for number in self.CHANNELS)
+
+    def channel(self, number: int) -> HMP4040Channel:
+        """Channel ``number`` (1-4); ``LimitError`` for any other number, nothing sent."""
+        if isinstance(number, bool) or number not in self.CHANNELS:
+            raise LimitError(f"channel must be one of {self.CHANNELS}, got {number!r}; "
                              "nothing was sent", instrument=self.describe())
-        return channel
+        return self.channels[self.CHANNELS.index(number)]
 
-    def select(self, channel: int) -> None:
-        """Make ``channel`` the target of the following channel commands."""
-        self.set(f"INST:NSEL {self._channel(channel)}")
+    @property
+    def ch1(self) -> HMP4040Channel:
+        return self.channels[0]
 
-    def set_voltage_v(self, channel: int, voltage_v: float) -> None:
-        """Voltage setpoint of ``channel`` (1 mV resolution), checked before anything is sent."""
-        self._channel(channel)
-        value = self.limits["voltage_v"].check(f"voltage_v (channel {channel})", voltage_v,
-                                               instrument=self.describe())
-        self.select(channel)
-        self.set(f"VOLT {value:.3f}")
+    @property
+    def ch2(self) -> HMP4040Channel:
+        return self.channels[1]
 
-    def voltage_v(self, channel: int) -> float:
-        self.select(channel)
-        return self.query_float("VOLT?")
+    @property
+    def ch3(self) -> HMP4040Channel:
+        return self.channels[2]
 
-    def set_current_a(self, channel: int, current_a: float) -> None:
-        """Current limit of ``channel`` (1 mA resolution)."""
-        self._channel(channel)
-        value = self.limits["current_a"].check(f"current_a (channel {channel})", current_a,
-                                               instrument=self.describe())
-        self.select(channel)
-        self.set(f"CURR {value:.3f}")
-
-    def current_a(self, channel: int) -> float:
-        self.select(channel)
-        return self.query_float("CURR?")
-
-    def set_output(self, channel: int, enabled: bool) -> None:
-        """Switch one channel's output on or off."""
-        if not isinstance(enabled, bool):
-            raise LimitError(f"enabled must be True or False, got {enabled!r}",
-                             instrument=self.describe())
-        self.select(channel)
-        self.set(f"OUTP {ON_OFF[enabled]}")
-
-    def output_enabled(self, channel: int) -> bool:
-        self.select(channel)
-        return parse_bool(self.query("OUTP?"))
-
-    def measure_voltage_v(self, channel: int) -> float:
-        self.select(channel)
-        return self.query_float("MEAS:VOLT?")
-
-    def measure_current_a(self, channel: int) -> float:
-        self.select(channel)
-        return self.query_float("MEAS:CURR?")
+    @property
+    def ch4(self) -> HMP4040Channel:
+        return self.channels[3]
 
     def _configure(self) -> None:
         super()._configure()
         vmax = self.limits["voltage_v"].max
         imax = self.limits["current_a"].max
-        for channel in self.CHANNELS:
-            self.select(channel)
+        for ch in self.channels:
+            ch.select()
             self.set(f"VOLT:PROT {vmax:.3f}")
             ovp = self.query_float("VOLT:PROT?")
             if abs(ovp - vmax) > 0.0011:
-                raise InstrumentError(f"channel {channel} OVP reads {ovp:g} V after setting "
+                raise InstrumentError(f"channel {ch.number} OVP reads {ovp:g} V after setting "
                                       f"{vmax:g} V", instrument=self.describe())
             if self.query_float("VOLT?") > vmax:
                 self.set(f"VOLT {vmax:.3f}")
@@ -197,7 +255,11 @@ class RohdeSchwarzHMP4040(ScpiInstrument):
                 self.set(f"CURR {imax:.3f}")
 
     def safe_shutdown(self) -> None:
-        """Master output off first, then every channel off, each confirmed by read-back."""
+        """Master output off first, then every channel off, each confirmed by read-back.
+
+        Plain writes (no error check between them), so that one refused command cannot stop
+        the remaining channels from being switched off.
+        """
         self.write("OUTP:GEN OFF")
         still_on = []
         for channel in self.CHANNELS:
@@ -212,7 +274,7 @@ class RohdeSchwarzHMP4040(ScpiInstrument):
 
     def status(self) -> str:
         parts = []
-        for channel in self.CHANNELS:
-            state = "ON" if self.output_enabled(channel) else "off"
-            parts.append(f"ch{channel} {state} {self.voltage_v(channel):.3f} V")
+        for ch in self.channels:
+            state = "ON" if ch.output_enabled() else "off"
+            parts.append(f"ch{ch.number} {state} {ch.voltage_v():.3f} V")
         return ", ".join(parts)

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from drivers.base import (
     ON_OFF,
+    WALL_CLOCK,
+    Clock,
     LimitError,
     ProtocolError,
     Range,
@@ -169,19 +170,32 @@ class DifferentialReading:
         return self.std_v / self.n ** 0.5
 
 
+def clock_of(*instruments: Any) -> Clock:
+    """The ``clock`` of the first of ``instruments`` that has one (a driver), else the wall
+    clock: procedures that wait between instrument calls wait in the instruments' lab time."""
+    for instrument in instruments:
+        clock = getattr(instrument, "clock", None)
+        if isinstance(clock, Clock):
+            return clock
+    return WALL_CLOCK
+
+
 def differential_measurement(source: RfGate, voltmeter: VoltageReader, n_avg: int, *,
                              settle_s: float = 0.0,
-                             sleep: Callable[[float], None] = time.sleep) -> DifferentialReading:
+                             sleep: Callable[[float], None] | None = None) -> DifferentialReading:
     """Spin-diode voltage: RF on, read; RF off, read; difference, averaged ``n_avg`` times.
 
     The difference removes offsets and slow drift of the DC line (thesis 2.6.1). ``settle_s``
-    waits after each switch before reading. The RF is switched off on every exit path; if
+    waits after each switch before reading, on the voltmeter's clock (else the source's, else
+    the wall clock; ``sleep`` replaces it). The RF is switched off on every exit path; if
     that itself fails, the original error is kept and the failure is added to it.
     """
     if isinstance(n_avg, bool) or not isinstance(n_avg, int) or n_avg < 1:
         raise ValueError(f"n_avg must be an integer >= 1, got {n_avg!r}")
     if not settle_s >= 0:
         raise ValueError(f"settle_s must be >= 0, got {settle_s!r}")
+    if sleep is None:
+        sleep = clock_of(voltmeter, source).sleep
     on_v: list[float] = []
     off_v: list[float] = []
     try:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from drivers.base import Instrument, InstrumentError, LimitError, ProtocolError, Range
+from drivers.base import Clock, Instrument, InstrumentError, LimitError, ProtocolError, Range
 
 
 class MiniCircuitsRC1SP4T(Instrument):
@@ -118,6 +118,11 @@ class SwitchGate:
         self.switch = switch
         self.on_port = on_port
         self.off_port = off_port
+
+    @property
+    def clock(self) -> Clock:
+        """The switch's clock: a measurement's settling waits run on it."""
+        return self.switch.clock
 
     def output_on(self) -> None:
         self.switch.port = self.on_port

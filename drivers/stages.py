@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -91,12 +90,11 @@ class Stage(Instrument):
     KIND = "stage"
     INTERFACES = ("ASRL",)
     STAGES: ClassVar[dict[str, StageModel]] = {}
-    #: Seconds between status polls while waiting for a move to end.
+    #: Seconds between status polls while waiting for a move to end. The polls and the move's
+    #: timeout run on the driver's ``clock`` (``drivers.base.Clock``): the wall clock on a real
+    #: bench, the simulated bench's own clock there (``hil.lab`` passes it), so a move and its
+    #: timeout cost lab time, not wall time.
     POLL_S: ClassVar[float] = 0.05
-    #: How the driver waits between polls: ``time.sleep`` on a real bench; a simulated
-    #: bench with its own clock sets its clock's sleep here (``hil.lab`` does this), so a
-    #: move costs lab time, not wall time.
-    poll_sleep: Callable[[float], None] = staticmethod(time.sleep)
 
     @classmethod
     def stage_model(cls, options: dict[str, Any] | None = None) -> StageModel:
@@ -183,7 +181,7 @@ class Stage(Instrument):
     def home(self, *, timeout_s: float | None = None) -> None:
         """Home search; waits until the axis is referenced (stopped on error or timeout)."""
         self._send_home()
-        self.wait_until_stopped(timeout_s or self.options["home_timeout_s"], sleep=self.poll_sleep)
+        self.wait_until_stopped(timeout_s or self.options["home_timeout_s"])
         self._after_home()
 
     def stop(self) -> None:
@@ -195,9 +193,14 @@ class Stage(Instrument):
         return self._poll().error
 
     def wait_until_stopped(self, timeout_s: float, *,
-                           sleep: Callable[[float], None] = time.sleep) -> None:
-        """Poll until the axis stops; on an error or timeout stop it and raise."""
-        deadline = time.monotonic() + timeout_s
+                           sleep: Callable[[float], None] | None = None) -> None:
+        """Poll until the axis stops; on an error or timeout stop it and raise.
+
+        ``timeout_s`` is lab time on the driver's ``clock``, which also paces the polls;
+        ``sleep`` replaces the clock's sleep between polls (the deadline stays on the clock).
+        """
+        pause = self.clock.sleep if sleep is None else sleep
+        deadline = self.clock.now_s() + timeout_s
         try:
             while True:
                 state = self._poll()
@@ -206,11 +209,11 @@ class Stage(Instrument):
                                           instrument=self.describe())
                 if not state.moving:
                     return
-                if time.monotonic() > deadline:
+                if self.clock.now_s() > deadline:
                     raise InstrumentTimeout(f"still moving after {timeout_s:g} s "
                                             f"({state.description}); motion stopped",
                                             instrument=self.describe())
-                sleep(self.POLL_S)
+                pause(self.POLL_S)
         except BaseException:
             self._stop_after_failure()
             raise
@@ -231,7 +234,7 @@ class Stage(Instrument):
             f"position_{self.unit}", target, instrument=self.describe())
         self._send_move_abs(target)
         if wait:
-            self.wait_until_stopped(timeout_s or self.options["move_timeout_s"], sleep=self.poll_sleep)
+            self.wait_until_stopped(timeout_s or self.options["move_timeout_s"])
 
     def _move_by(self, delta: float, wait: bool, timeout_s: float | None) -> None:
         if not isinstance(delta, int | float) or isinstance(delta, bool) or delta != delta:

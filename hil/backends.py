@@ -219,21 +219,11 @@ def device_config(model: ModelConfig, n_in: int, input_centre: float,
         w_max=model.w_clip if model.w_clip is not None else 10.0,
         b_max=model.b_clip if model.b_clip is not None else 1.0,
     )
-    values = parse_device_overrides(overrides)
-    fields = {f.name: f for f in dataclasses.fields(DeviceConfig)}
-    for key, v in values.items():
-        if key not in fields:
-            raise ConfigError(f"device.{key}", f"unknown key; allowed: {', '.join(fields)}")
-        typ = str(fields[key].type)
-        if v is None and "None" not in typ:
-            raise ConfigError(f"device.{key}", "must not be null")
-        if v is not None and typ.startswith("float") and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        setattr(base, key, v)
     try:
-        return base.validate()
+        return DeviceConfig.from_mapping(parse_device_overrides(overrides), base, prefix="device",
+                                         number_text=True)
     except DeviceConfigError as exc:
-        raise ConfigError(f"device.{exc.key}", str(exc).split(": ", 1)[-1]) from None
+        raise ConfigError(exc.key, exc.message) from None
 
 
 def parse_device_overrides(overrides: Mapping[str, Any] | Sequence[str] | None) -> dict[str, Any]:
@@ -261,7 +251,7 @@ class SimulatedDeviceBackend(Backend):
         try:
             self.device = OscillatorArrayDevice(config, seed)
         except DeviceConfigError as exc:
-            raise ConfigError(f"device.{exc.key}", str(exc).split(": ", 1)[-1]) from None
+            raise ConfigError(f"device.{exc.key}", exc.message) from None
         c = self.device.config
         super().__init__(BackendSpec(n_in=c.n_in, n_layers=c.n_layers, n_hidden=c.n_hidden,
                                      dt_ns=c.dt_ns, w_max=c.w_max, b_max=c.b_max, offers_states=True))
@@ -366,12 +356,17 @@ class InstrumentChipBackend(Backend):
     uploads and runs go over VISA as binary blocks. On the virtual lab
     (``lab_configs/virtual.yaml``) the controller emulates the simulated chip, which is
     configured here with ``config`` and ``seed`` (so it draws the same chip as the ``sim``
-    backend; values travel as float32)."""
+    backend; values travel as float32).
+
+    The chip is opened through a :class:`hil.lab.Lab` like every other instrument (``self.lab``):
+    the bench lock, the lab clock (the virtual world's on the virtual bench), and with
+    ``record_to`` (a run folder or a ``.jsonl`` file, as for ``open_lab``) every exchange is
+    recorded; closing the backend closes the lab, which makes the chip safe."""
 
     name = "lab"
 
-    def __init__(self, lab_config: str | Path, config: DeviceConfig, seed: int) -> None:
-        from drivers.base import DriverError
+    def __init__(self, lab_config: str | Path, config: DeviceConfig, seed: int, *,
+                 record_to: str | Path | None = None) -> None:
         from hil.lab import package_root
 
         path = Path(lab_config)
@@ -379,53 +374,67 @@ class InstrumentChipBackend(Backend):
             path = package_root() / path
         self.lab_config = str(path)
         self._last_description: dict[str, Any] | None = None
-        try:
-            self.chip, self.world = self._open_chip(path)
-        except DriverError as exc:
-            raise BackendError(f"{self.name}: cannot open the chip of {path}: {exc}") from exc
+        self.lab, self.chip, self.world = self._open_chip(path, record_to=record_to)
         try:
             self.chip.clear_errors()
             self.cfg = self.chip.configure(dataclasses.asdict(config), seed)
-        except BaseException:
-            self.chip.close()
+        except BaseException as exc:
+            self._close_lab(exc)
             raise
         c = self.cfg
         super().__init__(BackendSpec(n_in=c["n_in"], n_layers=c["n_layers"], n_hidden=c["n_hidden"],
                                      dt_ns=c["dt_ns"], w_max=c["w_max"], b_max=c["b_max"],
                                      offers_states=True))
 
-    @staticmethod
-    def _open_chip(path: Path) -> tuple[Any, Any]:
-        """The chip controller of a lab configuration: its instrument with a chip driver, or else
-        the ``hil_oscillator_chip`` of its virtual world; ``(driver, world or None)``."""
+    @classmethod
+    def _open_chip(cls, path: Path, *, record_to: str | Path | None = None) -> tuple[Any, Any, Any]:
+        """Open the chip controller of a lab configuration through a ``Lab``: its instrument with
+        a chip driver, or else the ``hil_oscillator_chip`` of its virtual world (added to the
+        configuration as a virtual instrument). ``(lab, driver, world or None)``; the world is
+        the one the chip lives in (None on a real bench)."""
+        from drivers.base import DriverError
         from drivers.oscillator_chip import OscillatorChipController
-        from hil.lab import load_lab_config
+        from hil.lab import InstrumentConfig, LabError, load_lab_config, open_lab
 
         cfg = load_lab_config(path)
-        for name, inst in cfg.instruments.items():
-            if inst.driver_class.KIND == OscillatorChipController.KIND:
-                world = cfg.virtual.build() if inst.backend == "@virtual" and cfg.virtual else None
-                backend: Any = inst.backend
-                if world is not None:
-                    from sims.virtual_lab import VirtualVisaLibrary
+        world: Any = None
+        chip = next((inst for inst in cfg.instruments.values()
+                     if inst.driver_class.KIND == OscillatorChipController.KIND), None)
+        if chip is None:
+            if cfg.virtual is None:
+                raise ConfigError("--backend", f"{path} has no instrument with a chip driver "
+                                  "(hil_oscillator_chip) and no virtual world")
+            world = cfg.virtual.build()
+            chips = [(n, m) for n, m in world.instruments.items()
+                     if m.MODEL == "hil_oscillator_chip"]
+            if not chips:
+                raise ConfigError("--backend", f"neither {path} nor its virtual world "
+                                  f"{cfg.virtual.world.name} has an oscillator-array chip "
+                                  "controller")
+            world_name, model = chips[0]
+            name = world_name if world_name not in cfg.instruments else f"{world_name}@virtual"
+            chip = InstrumentConfig(name=name, driver=model.MODEL, address=model.address,
+                                    backend="@virtual")
+            cfg = dataclasses.replace(cfg, instruments={**cfg.instruments, name: chip})
+        try:
+            lab = open_lab(cfg, record_to=record_to, world=world, instruments=[chip.name])
+        except LabError as exc:
+            # the driver's own message, as when the chip was opened directly
+            cause = exc.__cause__ if isinstance(exc.__cause__, DriverError | ConnectionError) else exc
+            raise BackendError(f"{cls.name}: cannot open the chip of {path}: {cause}") from exc
+        return lab, lab.instruments[chip.name], lab.world if chip.backend == "@virtual" else None
 
-                    backend = VirtualVisaLibrary.for_world(world)
-                drv = inst.driver_class.open(inst.address, backend, timeout_ms=inst.timeout_ms, name=name,
-                                             limits=inst.limits, options=inst.options)
-                return drv, world
-        if cfg.virtual is None:
-            raise ConfigError("--backend", f"{path} has no instrument with a chip driver "
-                              "(hil_oscillator_chip) and no virtual world")
-        from sims.virtual_lab import VirtualVisaLibrary
+    def _close_lab(self, exc: BaseException | None = None) -> None:
+        """Close the lab (the chip made safe, the exchange log closed); a failure becomes a
+        ``BackendError``, or a note on ``exc`` when closing after another error."""
+        from hil.lab import LabError
 
-        world = cfg.virtual.build()
-        chips = [(n, m) for n, m in world.instruments.items() if m.MODEL == "hil_oscillator_chip"]
-        if not chips:
-            raise ConfigError("--backend", f"neither {path} nor its virtual world "
-                              f"{cfg.virtual.world.name} has an oscillator-array chip controller")
-        name, model = chips[0]
-        drv = OscillatorChipController.open(model.address, VirtualVisaLibrary.for_world(world), name=name)
-        return drv, world
+        try:
+            self.lab.close()
+        except LabError as close_exc:
+            if exc is None:
+                raise BackendError(f"{self.name}: {close_exc}") from close_exc
+            exc.add_note(str(close_exc))
 
     def _upload(self, layers: list[dict[str, np.ndarray]]) -> float | None:
         from drivers.base import DriverError
@@ -464,7 +473,7 @@ class InstrumentChipBackend(Backend):
         try:
             self._last_description = self._describe()
         finally:
-            self.chip.close()
+            self._close_lab()
 
 
 BACKENDS = {"sim": SimulatedDeviceBackend, "model": ModelBackend}

@@ -24,6 +24,7 @@ from typing import Any
 
 from hil import __version__
 from hil.errors import HilError
+from sims.schema import ConfigError as SchemaConfigError
 
 # Modules that add subcommands, in the order they appear in ``hil --help``.
 COMMAND_MODULES = (
@@ -154,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             if rc:
                 finish(folders, "failed", getattr(args, "failure", None) or f"exit code {rc}")
             return rc
-    except HilError as exc:
+    except (HilError, SchemaConfigError) as exc:  # also a world file's or a chip setting's
         return _fail(args, redact_secrets(str(exc)), exc)
     except ImportError as exc:  # an optional package: name the extra; anything else is a bug
         from hil.extras import hint

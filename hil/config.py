@@ -7,8 +7,10 @@ overrides, merged in that order. Every value is checked; a bad one raises
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,15 +19,17 @@ from typing import Any
 import yaml
 
 from hil.errors import ConfigError
+from hil.task_specs import TASK_SPECS, task_spec
 from sims.neurons import NEURON_TYPES, default_fixed_bias
+from sims.schema import ConfigError as SchemaConfigError
+from sims.schema import apply_mapping, check_choices, choices
 
 SCHEMES = ("euler", "expheun")  # as hil.engine.SCHEMES (the engine checks they agree)
 EXPHEUN_KINDS = ("spintronic", "ctrnn")
 
-TASKS = ("digits", "sine_square", "flipflop")
+TASKS = TASK_SPECS  # task name -> spec (hil.task_specs); hil.tasks registers the full classes
 ENGINES = ("fast", "reference")
 BPTT_MODES = ("full", "truncated", "shifted", "exact")
-FLIPFLOP_PULSE_WIDTH = 3  # as hil.tasks.FlipFlop.width
 MAX_SEEDS = 10_000  # seeds in one run (they train together as a batch dimension)
 
 
@@ -33,7 +37,7 @@ MAX_SEEDS = 10_000  # seeds in one run (they train together as a batch dimension
 class ModelConfig:
     """The multilayer dynamical network (paper eq. 2-5, thesis eq. 6.1-6.2). Units: ns, GHz."""
 
-    neuron: str = "spintronic"
+    neuron: str = field(default="spintronic", metadata=choices(NEURON_TYPES, "model"))
     n_layers: int = 3
     n_hidden: int = 32
     tau_ns: float = 14.12  # relaxation time, gamma = 1 / tau
@@ -49,7 +53,8 @@ class ModelConfig:
     density_intra: float = 0.5
     dt_ns: float = 1.0  # time between two input points
     substeps: int = 4  # integration steps per input point
-    integrator: str | None = None  # euler | expheun (hil.engine.SCHEMES); None: expheun where defined
+    # euler | expheun (hil.engine.SCHEMES); None: expheun where defined
+    integrator: str | None = field(default=None, metadata=choices(SCHEMES, "integrator"))
     # thermal diffusion of the oscillator's power (GHz): the Ito drift of thermal noise, so that
     # an oscillator below threshold rests at ~D / (gamma - I) instead of exactly 0 and one above
     # threshold always starts; the simulated chip's default is 2e-5 (spintronic neurons; other
@@ -126,15 +131,15 @@ class TrainConfig:
     lr0: float = 0.01
     lr_decay: float = 5.0
     grad_clip: float | None = 1.0
-    bptt: str = "full"  # full | truncated | shifted | exact (the last three: sine/square only)
+    # full | truncated | shifted | exact (the last three: sine/square only)
+    bptt: str = field(default="full", metadata=choices(BPTT_MODES, "mode"))
     output_gain: float = 1000.0  # sine/square: gain before the sigmoid (thesis eq. 5.5)
     # truncated/shifted BPTT: at most this many windows (weight updates) per epoch, taken
     # every k-th window over the whole series; None: all windows. exact: the windows an
     # epoch trains on, batch_size per update (None: as many as the series has)
     windows_per_epoch: int | None = None
-    engine: str = "fast"
+    engine: str = field(default="fast", metadata=choices(ENGINES, "engine"))
     max_rollbacks: int = 3  # per seed, on a non-finite loss
-    eval_every: int = 1
 
 
 @dataclass
@@ -174,6 +179,18 @@ class RunConfig:
 
 # ----------------------------------------------------------------------------- validation
 
+@contextlib.contextmanager
+def _hil_errors() -> Iterator[None]:
+    """The schema helpers' :class:`sims.schema.ConfigError` as :class:`hil.errors.ConfigError`
+    (its subclass, also a ``HilError``)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except SchemaConfigError as exc:
+        raise ConfigError(exc.key, exc.message, exc.source) from None
+
+
 def _req(cond: bool, key: str, msg: str, source: str | None) -> None:
     if not cond:
         raise ConfigError(key, msg, source)
@@ -192,15 +209,14 @@ def _unit(v: float, key: str, src: str | None, low_open: bool = False) -> None:
 def validate(cfg: RunConfig, source: str | None = None) -> RunConfig:
     """Check every value; raise :class:`ConfigError` on the first bad one."""
     m, t, tr = cfg.model, cfg.task, cfg.train
-    _req(m.neuron in NEURON_TYPES, "model.neuron",
-         f"unknown model {m.neuron!r}; allowed: {', '.join(NEURON_TYPES)}", source)
+    for name in _SECTIONS:  # the keys with a fixed set of values (neuron, integrator, ...)
+        with _hil_errors():
+            check_choices(getattr(cfg, name), name, source)
     _req(m.n_layers >= 1, "model.n_layers", f"must be >= 1, got {m.n_layers}", source)
     _req(m.n_hidden >= 1, "model.n_hidden", f"must be >= 1, got {m.n_hidden}", source)
     _pos(m.tau_ns, "model.tau_ns", source)
     _pos(m.dt_ns, "model.dt_ns", source)
     _req(m.substeps >= 1, "model.substeps", f"must be an integer >= 1, got {m.substeps}", source)
-    _req(m.integrator is None or m.integrator in SCHEMES, "model.integrator",
-         f"unknown integrator {m.integrator!r}; allowed: {', '.join(SCHEMES)} or null", source)
     _req(math.isfinite(m.thermal_d_ghz) and m.thermal_d_ghz >= 0, "model.thermal_d_ghz",
          f"must be >= 0, got {m.thermal_d_ghz}", source)
     _req(m.scheme != "expheun" or m.neuron in EXPHEUN_KINDS, "model.integrator",
@@ -225,8 +241,7 @@ def validate(cfg: RunConfig, source: str | None = None) -> RunConfig:
             _pos(v, f"model.{key}", source)
     _pos(m.init_scale, "model.init_scale", source)
 
-    _req(t.name in TASKS, "task.name", f"unknown task {t.name!r}; allowed: {', '.join(TASKS)}",
-         source)
+    spec = task_spec(t.name, source)
     _req(0 <= t.val_fraction < 1, "task.val_fraction", f"must be in [0, 1), got {t.val_fraction}",
          source)
     for key in ("n_periods", "points_per_period", "window", "n_bits", "seq_len", "n_train",
@@ -237,11 +252,7 @@ def validate(cfg: RunConfig, source: str | None = None) -> RunConfig:
     _unit(t.pulse_prob, "task.pulse_prob", source, low_open=True)
     _req(t.input_noise >= 0, "task.input_noise", f"must be >= 0, got {t.input_noise}", source)
     _req(t.delay >= 0, "task.delay", f"must be >= 0, got {t.delay}", source)
-    if t.name == "flipflop":  # a pulse and its delayed switch must fit in the sequence
-        _req(t.delay + FLIPFLOP_PULSE_WIDTH < t.seq_len, "task.delay",
-             f"must be < task.seq_len - {FLIPFLOP_PULSE_WIDTH} (the pulse width) = "
-             f"{t.seq_len - FLIPFLOP_PULSE_WIDTH}, got {t.delay}: no output could ever switch, "
-             "and a network that outputs 0 would score 100 %", source)
+    spec.validate(t, source)  # the task's own checks (flip-flop: the pulse and its switch fit)
 
     hw = cfg.hardware
     if hw.weight_bits is not None:
@@ -261,17 +272,12 @@ def validate(cfg: RunConfig, source: str | None = None) -> RunConfig:
     _pos(tr.lr_decay, "train.lr_decay", source)
     if tr.grad_clip is not None:
         _pos(tr.grad_clip, "train.grad_clip", source)
-    _req(tr.bptt in BPTT_MODES, "train.bptt",
-         f"unknown mode {tr.bptt!r}; allowed: {', '.join(BPTT_MODES)}", source)
     _pos(tr.output_gain, "train.output_gain", source)
     if tr.windows_per_epoch is not None:
         v = tr.windows_per_epoch
         _req(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
              "train.windows_per_epoch", f"must be an integer >= 1 or null, got {v!r}", source)
-    _req(tr.engine in ENGINES, "train.engine",
-         f"unknown engine {tr.engine!r}; allowed: {', '.join(ENGINES)}", source)
     _req(tr.max_rollbacks >= 0, "train.max_rollbacks", "must be >= 0", source)
-    _req(tr.eval_every >= 1, "train.eval_every", "must be >= 1", source)
     _req(len(cfg.seeds) >= 1, "seeds", "at least one seed is needed", source)
     _req(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"seeds repeat: {cfg.seeds}", source)
     return cfg
@@ -282,47 +288,24 @@ def validate(cfg: RunConfig, source: str | None = None) -> RunConfig:
 _SECTIONS = {"model": ModelConfig, "task": TaskConfig, "train": TrainConfig, "hardware": HardwareConfig}
 
 
-def _coerce(value: Any, typ: Any, key: str, source: str | None) -> Any:
-    """Convert a YAML/CLI value to the dataclass field's type, or fail naming the key."""
-    t = str(typ)
-    if value is None:
-        if "None" in t:
-            return None
-        raise ConfigError(key, "must not be null", source)
-    try:
-        if t.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            raise TypeError
-        if t.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if t.startswith("float"):
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if t.startswith("str"):
-            if not isinstance(value, str):
-                raise TypeError
-            return value
-    except (TypeError, ValueError):
-        pass
-    else:
-        return value
-    expected = t.replace(" | None", " or null")
-    raise ConfigError(key, f"expected {expected}, got {value!r} ({type(value).__name__})", source)
+#: Keys that no longer exist: (the value every config written before the removal holds, which
+#: did what the program does now and is dropped silently so that old run folders still load;
+#: why it was removed). Any other value is refused with the reason.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "train.eval_every": (1, "the test metric is evaluated after every epoch (the key was never "
+                            "read)"),
+}
 
 
 def _apply(obj: Any, values: dict[str, Any], prefix: str, source: str | None) -> None:
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    for k, v in values.items():
-        key = f"{prefix}.{k}"
-        if k not in fields:
-            raise ConfigError(key, f"unknown key; allowed: {', '.join(fields)}", source)
-        setattr(obj, k, _coerce(v, fields[k].type, key, source))
+    """Set the section ``prefix`` of a config from ``values``, each converted to its field's
+    type (numbers written as text, like ``2e-5`` on the command line, are read as numbers)."""
+    removed = {key.split(".", 1)[1]: why for key, (_, why) in REMOVED_KEYS.items()
+               if key.startswith(prefix + ".")}
+    values = {k: v for k, v in values.items()
+              if not (k in removed and v == REMOVED_KEYS[f"{prefix}.{k}"][0])}
+    with _hil_errors():
+        apply_mapping(obj, values, prefix, source, removed=removed, number_text=True)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -388,8 +371,8 @@ def update(cfg: RunConfig, data: dict[str, Any], source: str | None) -> RunConfi
             _apply(getattr(cfg, k), v, k, source)
         elif k == "seeds":
             cfg.seeds = parse_seeds(v, source)
-        elif k == "preset":
-            cfg.preset = str(v)
+        elif k == "preset":  # null stays None (it used to become the text 'None')
+            cfg.preset = None if v is None else str(v)
         else:
             allowed = ", ".join([*_SECTIONS, "seeds", "preset"])
             raise ConfigError(k, f"unknown section; allowed: {allowed}", source)
@@ -492,13 +475,7 @@ def available_memory() -> int | None:
 
 def _task_shape(t: TaskConfig, tr: TrainConfig) -> tuple[int, int, int, int]:
     """(input channels, points per sequence, sequences per training pass, per evaluation)."""
-    if t.name == "flipflop":
-        return t.n_bits, t.seq_len, min(tr.batch_size, t.n_train), t.n_test
-    if t.name == "sine_square":
-        T = t.n_periods * t.points_per_period
-        window = T if tr.bptt == "full" else min(T, t.window)
-        return 1, window, (tr.batch_size if tr.bptt == "exact" else 1), 1
-    return 1, 64, min(tr.batch_size, 899), 899  # sequential digits: 8 x 8 pixels, 1797 images
+    return task_spec(t.name).shape(t, tr)
 
 
 def estimate_memory(cfg: RunConfig, n_parallel: int | None = None) -> dict[str, int]:
@@ -510,7 +487,7 @@ def estimate_memory(cfg: RunConfig, n_parallel: int | None = None) -> dict[str, 
     K = n_parallel or len(cfg.seeds)
     N, M = m.n_hidden, m.n_layers * m.n_hidden
     n_in, T, b_train, b_eval = _task_shape(t, tr)
-    n_out = 10 if t.name == "digits" else (t.n_bits if t.name == "flipflop" else 1)
+    n_out = task_spec(t.name).n_outputs(t)
     params = N * n_in + 2 * M * M + M + n_out * N + n_out  # W_rec and its mask are M x M
     param_bytes = 4 * K * params * 6
     train_state = b_train * T * M * m.substeps * 3

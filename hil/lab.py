@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,11 +62,21 @@ from typing import Any
 
 import yaml
 
-from drivers.base import DriverError, Instrument, Limits, parse_limit_spec
+from drivers.base import (
+    WALL_CLOCK,
+    Clock,
+    DriverError,
+    Instrument,
+    Limits,
+    WallClock,  # noqa: F401  (re-exported: hil.lab.WallClock is the drivers' wall clock)
+    parse_limit_spec,
+)
 from drivers.recording import LOG_NAME, ExchangeLog, RecordingTransport, ReplaySession
 from drivers.registry import DRIVERS
 from drivers.stages import Stage
 from hil.errors import ConfigError, HilError
+from sims.schema import ConfigError as SchemaConfigError
+from sims.schema import check_keys, yaml_number_hint
 
 
 @dataclass(frozen=True)
@@ -252,6 +261,15 @@ def _err(key: str, message: str, source: str) -> ConfigError:
     return ConfigError(key, message, source=source)
 
 
+def _check_keys(given: Mapping[Any, Any], allowed: Iterable[str], prefix: str,
+                source: str) -> None:
+    """Refuse an unknown key, listing the allowed ones (``sims.schema.check_keys``)."""
+    try:
+        check_keys(given, allowed, prefix, source)
+    except SchemaConfigError as exc:
+        raise _err(exc.key, exc.message, source) from None
+
+
 def _resolve_backend(value: Any, key: str, source: str) -> str:
     allowed = "'' (system VISA), '@py', '@ivi', '@sim', '<file>.yaml@sim' or '@virtual'"
     if value is None or value == "":
@@ -322,19 +340,6 @@ def _check_one_instrument_per_address(instruments: Mapping[str, InstrumentConfig
         seen[key] = inst
 
 
-def _yaml_number_hint(spec: Any) -> str:
-    """YAML 1.1 reads ``1.0e9`` as text (the exponent needs a sign); say so."""
-    values = spec.values() if isinstance(spec, Mapping) else spec
-    for value in values if isinstance(values, Iterable) and not isinstance(values, str) else ():
-        if isinstance(value, str):
-            try:
-                float(value)
-            except ValueError:
-                continue
-            return f"; note: YAML reads {value!r} as text, write numbers like 1.0e+9"
-    return ""
-
-
 def _parse_instrument(name: Any, entry: Any, top_backend: str, source: str) -> InstrumentConfig:
     base = f"instruments.{name}"
     if not isinstance(name, str) or not name:
@@ -342,10 +347,7 @@ def _parse_instrument(name: Any, entry: Any, top_backend: str, source: str) -> I
     if not isinstance(entry, Mapping):
         raise _err(base, f"must be a mapping with keys {', '.join(_INSTRUMENT_KEYS)}; got "
                    f"{type(entry).__name__}", source)
-    unknown = [k for k in entry if k not in _INSTRUMENT_KEYS]
-    if unknown:
-        raise _err(f"{base}.{unknown[0]}", f"unknown key; allowed: {', '.join(_INSTRUMENT_KEYS)}",
-                   source)
+    _check_keys(entry, _INSTRUMENT_KEYS, base, source)
     for required in ("driver", "address"):
         if required not in entry:
             raise _err(f"{base}.{required}", "missing (required)", source)
@@ -392,7 +394,7 @@ def _parse_instrument(name: Any, entry: Any, top_backend: str, source: str) -> I
             lo, hi = parse_limit_spec(spec, limit)
             hard.tightened({limit: (lo, hi)})
         except DriverError as exc:
-            raise _err(key, f"{exc} ({cls.MODEL}){_yaml_number_hint(spec)}", source) from None
+            raise _err(key, f"{exc} ({cls.MODEL}){yaml_number_hint(spec)}", source) from None
         limits[limit] = (lo, hi)
     return InstrumentConfig(name, driver, address, backend,
                             float(timeout) if timeout is not None else None, limits,
@@ -405,9 +407,7 @@ def parse_lab_config(data: Any, *, source: str = "<lab config>",
     if not isinstance(data, Mapping):
         raise _err("(top level)", f"must be a mapping with keys {', '.join(_TOP_KEYS)}; got "
                    f"{type(data).__name__}", source)
-    unknown = [k for k in data if k not in _TOP_KEYS]
-    if unknown:
-        raise _err(str(unknown[0]), f"unknown key; allowed: {', '.join(_TOP_KEYS)}", source)
+    _check_keys(data, _TOP_KEYS, "", source)
     name = data.get("name", "")
     if not isinstance(name, str):
         raise _err("name", f"must be a string, got {name!r}", source)
@@ -465,10 +465,7 @@ def _parse_virtual(entry: Any, instruments: Mapping[str, InstrumentConfig],
     if not isinstance(entry, Mapping) or "world" not in entry:
         raise _err("virtual_lab", f"must be a mapping with keys {', '.join(_VIRTUAL_KEYS)} "
                    "(world required)", source)
-    unknown = [k for k in entry if k not in _VIRTUAL_KEYS]
-    if unknown:
-        raise _err(f"virtual_lab.{unknown[0]}", f"unknown key; allowed: "
-                   f"{', '.join(_VIRTUAL_KEYS)}", source)
+    _check_keys(entry, _VIRTUAL_KEYS, "virtual_lab", source)
     world = entry["world"]
     if not isinstance(world, str) or not world:
         raise _err("virtual_lab.world", f"must be a world file name, got {world!r}", source)
@@ -512,23 +509,14 @@ def _parse_virtual(entry: Any, instruments: Mapping[str, InstrumentConfig],
 # --------------------------------------------------------------------------- opening
 
 
-class WallClock:
-    """Lab time on a real bench: the wall clock (the virtual lab has its own clock)."""
-
-    @staticmethod
-    def now_s() -> float:
-        return time.monotonic()
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        time.sleep(seconds)
-
-
 class Lab:
     """Open drivers by role; closing makes every instrument safe (reverse opening order).
 
     ``world``: the virtual world the ``@virtual`` instruments live in; by default one is
     built from ``config.virtual`` when the first of them is opened, and shared by all.
+    Every driver is opened with the clock of where it lives (``Instrument.clock``): the
+    world's virtual clock for a ``@virtual`` instrument, the wall clock (``WALL_CLOCK``)
+    otherwise, so its waits and timeouts run in that lab time.
     """
 
     def __init__(self, config: LabConfig, *, log: ExchangeLog | None = None,
@@ -549,19 +537,24 @@ class Lab:
         return self._world
 
     @property
-    def clock(self) -> Any:
+    def clock(self) -> Clock:
         """``now_s()`` and ``sleep(s)`` in lab time: the virtual clock, or the wall clock."""
-        return self.world.clock if self.world is not None else WallClock()
+        return self.world.clock if self.world is not None else WALL_CLOCK
+
+    def clock_for(self, inst: InstrumentConfig) -> Clock:
+        """The clock instrument ``inst`` waits on: its world's for a virtual one, else the wall
+        clock."""
+        return self.world.clock if inst.backend == _VIRTUAL else WALL_CLOCK
 
     def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` of lab time (pass as ``sleep=`` to procedures that wait)."""
         self.clock.sleep(seconds)
 
     def _backend(self, inst: InstrumentConfig) -> Any:
-        if inst.backend.endswith("@sim"):
-            from sims.visa import install_range_errors
+        if inst.backend.endswith("@sim") and inst.backend != "@sim":
+            from sims.visa import visa_library
 
-            install_range_errors()  # -222 for values out of range, -113 for unknown headers
+            return visa_library(inst.backend)  # -222 for values out of range, -113 unknown
         if inst.backend != _VIRTUAL:
             return inst.backend
         if self._visa_library is None:
@@ -592,15 +585,14 @@ class Lab:
         if self.log is not None:
             transport = RecordingTransport(transport, self.log, name)
         try:
-            driver = cls(transport, name=name, limits=inst.limits, options=inst.options)
+            driver = cls(transport, name=name, limits=inst.limits, options=inst.options,
+                         clock=self.clock_for(inst))
         except DriverError as exc:
             self._unlock(name)
             raise LabError(f"cannot use {what}: {exc}") from exc
         except BaseException:
             self._unlock(name)
             raise
-        if inst.backend == _VIRTUAL and hasattr(driver, "poll_sleep"):
-            driver.poll_sleep = self.sleep  # waits cost lab time on the virtual clock
         self.instruments[name] = driver
         return driver
 
@@ -681,8 +673,10 @@ class Lab:
 
 def open_lab(config: LabConfig | str | Path, *, record_to: str | Path | None = None,
              replay: str | Path | ReplaySession | None = None,
-             roles: Iterable[str] | None = None, world: Any = None) -> Lab:
-    """Open the instruments of ``config`` (all, or those of ``roles``) and return the ``Lab``.
+             roles: Iterable[str] | None = None, world: Any = None,
+             instruments: Iterable[str] | None = None) -> Lab:
+    """Open the instruments of ``config`` (all, or those of ``roles`` and/or those named in
+    ``instruments``) and return the ``Lab``.
 
     ``record_to``: a run folder (the log is ``instrument_io.jsonl`` in it) or a ``.jsonl``
     file; every exchange is appended. ``replay``: a recorded log (or ``ReplaySession``)
@@ -690,15 +684,21 @@ def open_lab(config: LabConfig | str | Path, *, record_to: str | Path | None = N
     ``@virtual`` instruments instead of the one ``config.virtual`` describes.
     """
     cfg = config if isinstance(config, LabConfig) else load_lab_config(config)
+    if roles is None and instruments is None:
+        names = list(cfg.instruments)
+    else:
+        names = [cfg.instrument_for(role).name for role in roles or ()]
+        for name in instruments or ():
+            if name not in cfg.instruments:
+                raise ConfigError("instruments", f"no instrument named {name!r}; instruments: "
+                                  f"{', '.join(cfg.instruments) or 'none'}", source=cfg.source)
+            names.append(name)
+        names = list(dict.fromkeys(names))
     log = None
     if record_to is not None:
         path = Path(record_to)
         log = ExchangeLog(path if path.suffix == ".jsonl" else path / LOG_NAME)
     session = ReplaySession(replay) if isinstance(replay, str | Path) else replay
-    if roles is None:
-        names = list(cfg.instruments)
-    else:
-        names = list(dict.fromkeys(cfg.instrument_for(role).name for role in roles))
     lab = Lab(cfg, log=log, replay=session, world=world)
     try:
         for name in names:

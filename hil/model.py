@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from hil.config import HardwareConfig, ModelConfig
-from hil.engine import Dynamics, EulerScan, integrate, scan_reference
+from hil.engine import Dynamics, get_engine
 from hil.errors import ConfigError
 from sims.neurons import TANH_OUTPUT_TYPES, rest_state
 
@@ -280,19 +280,8 @@ class DynamicalNetwork(nn.Module):
             state = self.initial_state(B)
         C = self.constant_drive(u)
         dyn = self.dynamics()
-        if self.engine == "fast":
-            Wr = self.scaled_recurrent()
-            if torch.is_grad_enabled() and (C.requires_grad or Wr.requires_grad):
-                xseq, xf, yf = EulerScan.apply(C, Wr, state.x, state.y, dyn)
-            else:
-                xseq, xf, yf, _ = integrate(C, Wr, state.x, state.y, dyn, store=False)
-        else:
-            Wr = self.scaled_recurrent()
-            sl = self.layer_slices()
-            blocks = [[Wr[:, sl[m], sl[li]] for m in range(self.L)] for li in range(self.L)]
-            xseq, xf, yf = scan_reference(
-                C, blocks, [state.x[..., s] for s in sl], [state.y[..., s] for s in sl], dyn, sl
-            )
+        run = get_engine(self.engine)  # hil.engine.ENGINES: "fast", "reference"
+        xseq, xf, yf = run(C, self.scaled_recurrent(), state.x, state.y, dyn, self.layer_slices())
         return xseq, State(xf, yf)
 
     def readout(self, xseq: torch.Tensor) -> torch.Tensor:

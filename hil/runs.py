@@ -232,7 +232,15 @@ class RunFolder:
         return atomic_write(self.file(name), redact_secrets(text))
 
     def write_config(self, config: dict[str, Any], name: str = "config.yaml") -> Path:
-        return atomic_write(self.file(name), yaml.safe_dump(redact_data(config), sort_keys=False))
+        path = atomic_write(self.file(name), yaml.safe_dump(redact_data(config), sort_keys=False))
+        train, env = config.get("train"), self.file("environment.json")
+        if isinstance(train, dict) and "engine" in train and env.exists():  # the engine to run
+            from hil.engine import native_record
+
+            data = json.loads(env.read_text())
+            data["engine"] = native_record(train["engine"])
+            self.write_json("environment.json", data)
+        return path
 
     def write_json(self, name: str, data: Any) -> Path:
         """Write ``data`` as JSON atomically: non-finite numbers as ``null``, secrets redacted."""
@@ -317,6 +325,8 @@ class RunFolder:
         import numpy
         import torch
 
+        from hil.engine import native_record
+
         env = {
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "argv": [redact_secrets(a) for a in sys.argv],
@@ -326,6 +336,7 @@ class RunFolder:
             "numpy": numpy.__version__,
             "git_commit": _git_commit(),
             "cpu_threads": torch.get_num_threads(),
+            "engine": native_record(),  # the native kernel's state (write_config adds the name)
         }
         return self.write_json("environment.json", env)
 

@@ -3,11 +3,17 @@
 A task owns its data (generated or shipped, never downloaded), its loss and its metric.
 Data tensors are ``(B, T, n_in)`` inputs and targets of shape ``(B,)`` (label after the last
 step), ``(B, T)`` (label at every step) or ``(B, T, n_out)`` (regression targets).
+
+Each task class subclasses its spec (:mod:`hil.task_specs`: name, epoch scheme, shapes, extra
+validation) and is registered in :data:`TASKS` with :func:`register_task`; :func:`make_task`
+and the config validation look names up there, and the trainer asks the task how to train
+(``epoch_scheme``, ``bptt_modes``), so adding a task touches neither.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 
 from hil.config import TaskConfig
 from hil.errors import ConfigError
+from hil.task_specs import DigitsSpec, FlipFlopSpec, SineSquareSpec, TaskSpec, register_spec
 
 
 @dataclass
@@ -26,19 +33,25 @@ class Split:
         return self.x.shape[0]
 
 
-class Task:
-    """Base class. ``per_step``: the loss uses every time step, else only the last one."""
+class Task(TaskSpec):
+    """Base class. ``per_step``: the loss uses every time step, else only the last one.
+    ``error_budget_title``: set where :meth:`error_budget` says where the misses are."""
 
-    name = "task"
     n_in = 1
     n_out = 1
     per_step = False
     metric_name = "accuracy"
+    error_budget_title: ClassVar[str | None] = None
 
     def __init__(self, cfg: TaskConfig) -> None:
         self.cfg = cfg
         self.splits: dict[str, Split] = {}
         self.input_centre = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: TaskConfig, output_gain: float = 1000.0) -> Task:
+        """The task for ``cfg``; ``output_gain`` (``train.output_gain``) for tasks that use it."""
+        return cls(cfg)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-trial mean loss ``(K,)`` from readout ``out (K, B, T, n_out)``."""
@@ -52,8 +65,27 @@ class Task:
         return {"name": self.name, "n_in": self.n_in, "n_out": self.n_out,
                 **{k: len(v) for k, v in self.splits.items()}}
 
+    def error_budget(self, out: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, Any] | None:
+        """Where the misses of readout ``out`` are on inputs ``x``, targets ``y`` (one trial);
+        None for a task without such a breakdown (``error_budget_title`` None)."""
+        return None
 
-class SequentialDigits(Task):
+
+TaskT = TypeVar("TaskT", bound=type[Task])
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: TaskT) -> TaskT:
+    """Add ``cls`` under ``cls.name`` for :func:`make_task`, and its spec for the config
+    validation and memory estimate (:mod:`hil.task_specs`); usable as a class decorator."""
+    register_spec(cls)
+    TASKS[cls.name] = cls
+    return cls
+
+
+@register_task
+class SequentialDigits(DigitsSpec, Task):
     """The 8x8 digits shipped with scikit-learn, scanned row by row, one pixel per input point.
 
     50/50 train/test split (stratified, fixed ``random_state=0``), pixels scaled to [0, 1]
@@ -62,7 +94,6 @@ class SequentialDigits(Task):
     hyperparameter search, so that the test half stays untouched.
     """
 
-    name = "digits"
     n_in = 1
     n_out = 10
 
@@ -112,14 +143,14 @@ def sine_square_sequence(n_periods: int, points: int, seed: int) -> tuple[np.nda
 VAL_SERIES_SEED = 999
 
 
-class SineSquare(Task):
+@register_task
+class SineSquare(SineSquareSpec, Task):
     """Point-by-point sine/square discrimination (thesis 5.5): one training series and one
     test series drawn with another seed; with ``task.val_fraction > 0`` also a validation
     series (a third draw, seed 999, of the same length: the training series is not split).
     Loss: BCE of ``sigmoid(gain * readout)``
     (thesis eq. 5.5; the gain is ``train.output_gain``)."""
 
-    name = "sine_square"
     n_in = 1
     n_out = 1
     per_step = True
@@ -134,6 +165,10 @@ class SineSquare(Task):
             x, y = sine_square_sequence(cfg.n_periods, cfg.points_per_period, seed)
             self.splits[name] = Split(torch.from_numpy(x)[None, :, None], torch.from_numpy(y)[None])
         self.input_centre = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: TaskConfig, output_gain: float = 1000.0) -> Task:
+        return cls(cfg, output_gain)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self.gain * out[..., 0]
@@ -179,14 +214,14 @@ def flipflop_batch(
     return x, y
 
 
-class FlipFlop(Task):
+@register_task
+class FlipFlop(FlipFlopSpec, Task):
     """3-bit flip-flop memory (seed 004): MSE on every step; the metric is the fraction of
-    output time steps within 0.2 of the target."""
+    output time steps within 0.2 of the target. The pulse ``width`` is the spec's."""
 
-    name = "flipflop"
     per_step = True
     metric_name = "within_0.2"
-    width = 3
+    error_budget_title = "flip-flop misses"
 
     def __init__(self, cfg: TaskConfig) -> None:
         super().__init__(cfg)
@@ -211,13 +246,15 @@ class FlipFlop(Task):
     def metric(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return ((out - y).abs() <= 0.2).float().mean(dim=(1, 2, 3))
 
+    def error_budget(self, out: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, Any] | None:
+        from hil.analysis import flipflop_error_budget  # plotting stack: only when asked
+
+        return flipflop_error_budget(out, x, y)
+
 
 def make_task(cfg: TaskConfig, output_gain: float = 1000.0) -> Task:
-    if cfg.name == "digits":
-        return SequentialDigits(cfg)
-    if cfg.name == "sine_square":
-        return SineSquare(cfg, output_gain)
-    if cfg.name == "flipflop":
-        return FlipFlop(cfg)
-    raise ConfigError("task.name", f"unknown task {cfg.name!r}; allowed: digits, sine_square, "
-                      "flipflop")
+    """The registered task named ``cfg.name`` (:data:`TASKS`)."""
+    cls = TASKS.get(cfg.name)
+    if cls is None:
+        raise ConfigError("task.name", f"unknown task {cfg.name!r}; allowed: {', '.join(TASKS)}")
+    return cls.from_config(cfg, output_gain)

@@ -138,9 +138,14 @@ class Trainer:
                         "windows_per_epoch"):
                 if getattr(tc, key) != getattr(t0, key):
                     raise ConfigError(f"train.{key}", "must be equal across trials run together")
-        if task.name != "sine_square" and t0.bptt != "full":
-            raise ConfigError("train.bptt", f"{t0.bptt!r} is only for the sine_square task "
-                              "(labels at every step); use full")
+        if task.epoch_scheme not in self.epoch_schemes():
+            raise ConfigError("task.name", f"task {task.name!r} has epoch scheme "
+                              f"{task.epoch_scheme!r}; this trainer runs: "
+                              f"{', '.join(self.epoch_schemes())}")
+        if t0.bptt not in task.bptt_modes():
+            raise ConfigError("train.bptt", f"{t0.bptt!r} is not available for the {task.name} task "
+                              f"(epoch scheme {task.epoch_scheme!r}); allowed: "
+                              f"{', '.join(task.bptt_modes())}")
         if t0.bptt == "exact" and any(c.highpass_on for c in model_cfgs):
             raise ConfigError("train.bptt", "exact start states need model.highpass off (the "
                               "filter state is not kept along the series)")
@@ -232,6 +237,12 @@ class Trainer:
         return losses.detach(), metric, fin.detach()
 
     # ------------------------------------------------------------- epochs
+    def epoch_schemes(self) -> dict[str, Callable[[int], tuple[torch.Tensor, torch.Tensor]]]:
+        """The training epoch of each epoch scheme (:data:`hil.task_specs.EPOCH_SCHEMES`):
+        ``epoch -> (train loss, train metric)`` per trial. The task's ``epoch_scheme`` picks
+        one; looked up on every call, so a subclass or a test may replace a method."""
+        return {"batches": self._epoch_batches, "sequence": self._epoch_sequence}
+
     def _epoch_batches(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         data = self.task.splits["train"]
         n, bs = len(data), self.tcfg.batch_size
@@ -265,7 +276,7 @@ class Trainer:
         return evaluate(self.net, self.task, split)
 
     def _epoch_sequence(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sine/square: one long series, full, truncated, shifted-start or exact-start BPTT
+        """One long series (sine/square), full, truncated, shifted-start or exact-start BPTT
         (thesis 5.7)."""
         data = self.task.splits["train"]
         x, y = data.x, data.y  # (1, T, 1), (1, T)
@@ -356,10 +367,7 @@ class Trainer:
         for epoch in range(self.start_epoch, epochs):
             if not self.active.any():  # resumed after every trial had stopped
                 break
-            if self.task.name == "sine_square":
-                tr_loss, tr_metric = self._epoch_sequence(epoch)
-            else:
-                tr_loss, tr_metric = self._epoch_batches(epoch)
+            tr_loss, tr_metric = self.epoch_schemes()[self.task.epoch_scheme](epoch)
             evals = {s: self._evaluate(s) for s in eval_splits}
             # a trial whose evaluation is non-finite also rolls back
             for k in range(self.K):

@@ -36,7 +36,7 @@ per-oscillator values, offsets, synapse gain errors), the weights actually progr
 last upload and the drifted current values are reported by :meth:`describe`; for the dynamic
 noise the stream seeds and the number of draws are reported.
 
-Imports nothing from the rest of the project except ``sims.neurons``.
+Imports nothing from the rest of the project except ``sims.neurons`` and ``sims.schema``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,17 +61,23 @@ from sims.neurons import (
     held_drive_step,
     rest_state,
 )
+from sims.schema import ConfigError, apply_mapping, check_choices, choices
 
 METHODS = ("expheun", "heun", "euler")
 STREAMS = ("mismatch", "offsets", "synapse_gain", "writes", "thermal", "readout", "drift")
 
 
-class DeviceConfigError(ValueError):
-    """A device setting is invalid; ``key`` names it."""
+class DeviceConfigError(ConfigError):
+    """A device setting is invalid; ``key`` names it (the project's one configuration error
+    type, :class:`sims.schema.ConfigError`)."""
 
-    def __init__(self, key: str, message: str) -> None:
-        self.key = key
-        super().__init__(f"{key}: {message}")
+    def __init__(self, key: str, message: str, source: str | None = None) -> None:
+        super().__init__(key, message, source)
+
+
+#: Settings renamed: old name -> (new name, why); an old name given is refused naming the new one.
+RENAMED_SETTINGS = {"substeps": ("solver_substeps", "the chip's own solver steps per input "
+                                 "point, not the trained model's model.substeps")}
 
 
 @dataclass
@@ -81,7 +88,7 @@ class DeviceConfig:
     n_in: int = 1
     n_layers: int = 3
     n_hidden: int = 32
-    neuron: str = "spintronic"
+    neuron: str = dataclasses.field(default="spintronic", metadata=choices(NEURON_TYPES, "neuron type"))
     tau_ns: float = 5.0  # nominal relaxation time, gamma = 1 / tau
     sigma: float = 1.0  # nominal drive coefficient
     q: float = 0.0  # nominal non-linear damping Q
@@ -95,10 +102,12 @@ class DeviceConfig:
     dt_ns: float = 1.0  # time of one input point
     w_max: float = 1.0  # programmable weight range ±w_max
     b_max: float = 0.2  # programmable bias range ±b_max
-    # integrator
-    substeps: int = 16  # integration steps per input point (converged: halving the step moves
-    # no measured value by more than 1e-3, tests/test_oscillator_device.py)
-    method: str | None = None  # expheun | heun | euler; None: expheun where the neuron has it, else heun
+    # integrator: the chip's own solver steps per input point (not the trained model's
+    # model.substeps; converged: halving the step moves no measured value by more than 1e-3,
+    # tests/test_convergence.py)
+    solver_substeps: int = 16
+    # expheun | heun | euler; None: expheun where the neuron has it, else heun
+    method: str | None = dataclasses.field(default=None, metadata=choices(METHODS, "method"))
     # mismatch (coefficients of variation, log-normal around the nominal value)
     cv_gamma: float = 0.2
     cv_sigma: float = 0.2
@@ -142,6 +151,26 @@ class DeviceConfig:
             return self.method
         return "expheun" if self.neuron in HELD_DRIVE_TYPES else "heun"
 
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: DeviceConfig | None = None, *,
+                     prefix: str = "", source: str | None = None,
+                     number_text: bool = False) -> DeviceConfig:
+        """``base`` (default: the defaults) with ``values`` set, each converted to its field's
+        type, and validated; unknown or renamed keys and bad values raise
+        :class:`DeviceConfigError` naming ``source`` and ``prefix.key``. ``number_text``: read
+        text like ``2e-5`` as a number (command-line values)."""
+        cfg = dataclasses.replace(base) if base is not None else cls()
+        try:
+            apply_mapping(cfg, values, prefix, source, renamed=RENAMED_SETTINGS,
+                          number_text=number_text)
+        except ConfigError as exc:
+            raise DeviceConfigError(exc.key, exc.message, source) from None
+        try:
+            return cfg.validate()
+        except DeviceConfigError as exc:
+            key = f"{prefix}.{exc.key}" if prefix else exc.key
+            raise DeviceConfigError(key, exc.message, source) from None
+
     def validate(self) -> DeviceConfig:
         """Raise :class:`DeviceConfigError` naming the first bad value."""
 
@@ -149,14 +178,14 @@ class DeviceConfig:
             if not ok:
                 raise DeviceConfigError(key, msg)
 
-        for key in ("n_in", "n_layers", "n_hidden", "substeps"):
+        for key in ("n_in", "n_layers", "n_hidden", "solver_substeps"):
             v = getattr(self, key)
             req(isinstance(v, int) and not isinstance(v, bool) and v >= 1, key,
                 f"must be an integer >= 1, got {v!r}")
-        req(self.neuron in NEURON_TYPES, "neuron",
-            f"unknown neuron type {self.neuron!r}; allowed: {', '.join(NEURON_TYPES)}")
-        req(self.method is None or self.method in METHODS, "method",
-            f"unknown method {self.method!r}; allowed: {', '.join(METHODS)} or null")
+        try:
+            check_choices(self)  # neuron, method
+        except ConfigError as exc:
+            raise DeviceConfigError(exc.key, exc.message) from None
         req(self.scheme != "expheun" or self.neuron in HELD_DRIVE_TYPES, "method",
             f"expheun is defined for {', '.join(HELD_DRIVE_TYPES)} neurons, not {self.neuron!r}")
         for key in ("tau_ns", "sigma", "S", "S_in", "dt_ns", "w_max", "b_max"):
@@ -176,7 +205,7 @@ class DeviceConfig:
         if self.weight_bits is not None:
             req(isinstance(self.weight_bits, int) and 2 <= self.weight_bits <= 32, "weight_bits",
                 f"must be an integer in [2, 32] or null, got {self.weight_bits!r}")
-        req(2 * math.pi * self.f_cut_ghz * self.dt_ns / self.substeps < 1, "f_cut_ghz",
+        req(2 * math.pi * self.f_cut_ghz * self.dt_ns / self.solver_substeps < 1, "f_cut_ghz",
             "2 pi f_cut times the integration step must be < 1")
         return self
 
@@ -426,7 +455,7 @@ class OscillatorArrayDevice:
         C[..., :N] = u_scaled @ W_in.T
         C = (cfg.S * (C + bias) + cfg.b_fixed_value + self.offset).astype(f32)  # drive but the recurrent part
         Wr = Wr.astype(f32)
-        h = cfg.dt_ns / cfg.substeps
+        h = cfg.dt_ns / cfg.solver_substeps
         a = f32(1.0 - 2 * math.pi * cfg.f_cut_ghz * h)
         wh = 2 * math.pi * cfg.f_cut_ghz * h
         a_e, ah_e = f32(math.exp(-wh)), f32(math.exp(-wh / 2))  # expheun: exact decay, mid-step increment
@@ -456,8 +485,8 @@ class OscillatorArrayDevice:
         fluctuate = D > 0 and cfg.thermal_fluctuations
         for t in range(T):
             ct = C[:, t]
-            xi = rng.standard_normal((cfg.substeps, B, M), dtype=f32) if fluctuate else None
-            for s in range(cfg.substeps):
+            xi = rng.standard_normal((cfg.solver_substeps, B, M), dtype=f32) if fluctuate else None
+            for s in range(cfg.solver_substeps):
                 # Ito noise of the oscillator's power, at the start of the step (x >= 0: clipped):
                 # the fluctuation sqrt(2 D x h) xi and the drift D h; exponential Heun has the
                 # drift in its closed form (the floor) and adds the fluctuation only
@@ -492,7 +521,7 @@ class OscillatorArrayDevice:
             xs[:, t] = x
             ys[:, t] = y
         if fluctuate:
-            self._draws["thermal"] += B * M * T * cfg.substeps
+            self._draws["thermal"] += B * M * T * cfg.solver_substeps
         xs, ys = xs.astype(np.float64), ys.astype(np.float64)
         if cfg.readout_noise > 0:
             rd = cfg.readout_noise

@@ -51,13 +51,11 @@ def test_benchmark_ctrnn_rows_agree(capsys):
     assert "ctrnn" in capsys.readouterr().out
 
 
-def test_subnormal_benchmark_runs(tmp_path, capsys):
+def test_subnormal_benchmark_runs(tmp_path, capsys, native_lib):
     """Smoke test of bench_subnormals.py: both modes run on the same parameters and agree (no
     timing assertion; whether subnormals appear depends on training longer than this)."""
     from hil import engine
 
-    if engine.native_library() is None:
-        pytest.skip("native kernel unavailable (no C++ compiler)")
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_subnormals.py"
     spec = importlib.util.spec_from_file_location("bench_subnormals", path)
     mod = importlib.util.module_from_spec(spec)

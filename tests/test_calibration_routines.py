@@ -208,8 +208,8 @@ def test_source_calibration_sets_frequency_and_power():
         lab["switch"].port = 4
         worst_mhz, worst_pct = 0.0, 0.0
         for ch, f0 in ops.items():
-            amp.set_output(ch, True)
-            tune.set_output(ch, True)
+            amp.channel(ch).set_output(True)
+            tune.channel(ch).set_output(True)
             for df_hz, frac in ((0.0, 0.85), (20e6, 0.3), (-15e6, 0.6)):
                 p_mw = frac * p_max_mw[ch]
                 set_tone(lab, cal, ch, f0 + df_hz, 10 * np.log10(p_mw))
@@ -218,7 +218,7 @@ def test_source_calibration_sets_frequency_and_power():
                 p_before_mw = 10 ** ((p_dbm + cal.attenuation_db(f)) / 10)
                 worst_mhz = max(worst_mhz, abs(f - f0 - df_hz) / 1e6)
                 worst_pct = max(worst_pct, 100 * abs(p_before_mw / p_mw - 1))
-            amp.set_voltage_v(ch, 0.0)
+            amp.channel(ch).set_voltage_v(0.0)
         att = np.array(cal.attenuation["attenuation_db"])
     print(f"\nsource: worst frequency error {worst_mhz:.3f} MHz, worst power error "
           f"{worst_pct:.3f} %; switch path {att.min():.2f}-{att.max():.2f} dB")

@@ -43,8 +43,9 @@ def test_driver_round_trip_matches_the_in_memory_chip():
     ref = OscillatorArrayDevice(CFG, seed=3)
     ref.program(layers())
     expected = ref.run(u)
-    chip, world = InstrumentChipBackend._open_chip(LAB)  # the chip of virtual.yaml's world
-    with chip:
+    lab, chip, world = InstrumentChipBackend._open_chip(LAB)  # the chip of virtual.yaml's world
+    assert chip.clock is world.clock  # opened through the lab: it waits on the virtual clock
+    with lab:
         assert "OSC-ARRAY" in chip.identity
         cfg = chip.configure(dataclasses.asdict(CFG), seed=3)
         assert (cfg["n_in"], cfg["n_layers"], cfg["n_hidden"]) == (2, 2, 5)

@@ -18,7 +18,7 @@ from hil.twin import TwinMonitor
 MC = ModelConfig(n_layers=2, n_hidden=6, tau_ns=5.0, S=1.0, S_in=2.5, b_in=0.4, w_clip_dt=0.9, b_clip_dt=0.2)
 IDEAL = ["cv_gamma=0", "cv_sigma=0", "offset_std=0", "weight_bits=null", "program_noise=0",
          "synapse_gain_cv=0", "thermal_d_ghz=0", "readout_noise=0", "drift_per_sqrt_s=0",
-         f"method={MC.scheme}", f"substeps={MC.substeps}"]
+         f"method={MC.scheme}", f"solver_substeps={MC.substeps}"]
 
 
 @pytest.fixture(scope="module")

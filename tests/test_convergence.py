@@ -198,9 +198,9 @@ def test_simulated_chip_default_integrator_is_converged():
     default = DeviceConfig()
     assert default.scheme == "expheun"
     a = _chip_states(net, u)
-    b = _chip_states(net, u, substeps=2 * default.substeps)
+    b = _chip_states(net, u, solver_substeps=2 * default.solver_substeps)
     assert np.abs(a - b).max() < 1e-3
-    c = _chip_states(net, u, method="heun", substeps=256)
+    c = _chip_states(net, u, method="heun", solver_substeps=256)
     assert np.abs(a - c).max() < 2e-3
     assert a.std() > 0.05  # the network is driven, not at rest
 
@@ -216,17 +216,15 @@ def test_ideal_chip_with_the_models_scheme_reproduces_the_model():
     m = net.configs[0]
     with torch.no_grad():
         xs, _ = net(u)
-    chip = _chip_states(net, u.numpy(), method=m.scheme, substeps=m.substeps,
+    chip = _chip_states(net, u.numpy(), method=m.scheme, solver_substeps=m.substeps,
                         thermal_d_ghz=m.thermal_d_ghz, thermal_fluctuations=False)
     np.testing.assert_allclose(chip, xs[0].double().numpy(), atol=5e-5)
     # the floor matters: without it the chip is another system
-    bare = _chip_states(net, u.numpy(), method=m.scheme, substeps=m.substeps)
+    bare = _chip_states(net, u.numpy(), method=m.scheme, solver_substeps=m.substeps)
     assert np.abs(bare - xs[0].double().numpy()).max() > 2e-4
 
 
-def test_native_and_torch_back_ends_agree_in_float32_for_expheun():
-    if engine.native_library() is None:
-        pytest.skip("native kernel unavailable")
+def test_native_and_torch_back_ends_agree_in_float32_for_expheun(native_lib):
     net = _strong_net()
     u = torch.rand(20, 64, 1, generator=torch.Generator().manual_seed(3))
     C = net.constant_drive(u).detach()

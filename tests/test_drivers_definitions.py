@@ -6,19 +6,25 @@ sends it reads the instrument's error state (SCPI ``SYST:ERR?`` until ``0``; the
 exercised (``EXERCISES``) and no error may be queued, no query may go unanswered and every
 read-back must match. The second test misspells one command on its way to the instrument,
 as a typo in the driver would, and the same exercise must then fail, naming that command.
+The last tests check that a value out of an instrument's range queues its range error (SCPI
+-222, SMC100 "C", Lake Shore EXE) through ``sims.visa.visa_library``, without patching
+pyvisa-sim.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from spy import sim_backend
 
+import sims.visa
 from drivers.base import DriverError, Instrument
 from drivers.dc_source import Keithley2400, Keithley2401, RohdeSchwarzHMP4040
 from drivers.nanovoltmeter import Keithley2182A
@@ -29,7 +35,7 @@ from drivers.stages import NewportSMC100
 
 
 @pytest.fixture
-def sim(tmp_path: Path) -> str:
+def sim(tmp_path: Path) -> Any:
     return sim_backend(tmp_path)
 
 
@@ -172,16 +178,17 @@ def _sourcemeter(smu: Keithley2400) -> None:
 
 
 def _supply(psu: RohdeSchwarzHMP4040) -> None:
-    for channel in psu.CHANNELS:
-        psu.set_voltage_v(channel, 1.5 + channel)
-        psu.set_current_a(channel, 0.05 * channel)
-        assert psu.voltage_v(channel) == pytest.approx(1.5 + channel)
-        assert psu.current_a(channel) == pytest.approx(0.05 * channel)
-        psu.set_output(channel, True)
-        assert psu.output_enabled(channel) is True
-        psu.measure_voltage_v(channel)
-        psu.measure_current_a(channel)
-        psu.set_output(channel, False)
+    for ch in psu.channels:
+        ch.set_voltage_v(1.5 + ch.number)
+        ch.set_current_a(0.05 * ch.number)
+        assert ch.voltage_v() == pytest.approx(1.5 + ch.number)
+        assert ch.current_a() == pytest.approx(0.05 * ch.number)
+        ch.output_on()
+        assert ch.output_enabled() is True
+        ch.measure_voltage_v()
+        ch.measure_current_a()
+        ch.output_off()
+        assert ch.output_enabled() is False
     assert "ch4 off" in psu.status()
 
 
@@ -255,7 +262,7 @@ CASES = {
 }
 
 
-def _run(case: Case, sim: str, misspell: dict[str, str] | None = None) -> ErrorChecking:
+def _run(case: Case, sim: Any, misspell: dict[str, str] | None = None) -> ErrorChecking:
     transport = ErrorChecking(case.cls.open_transport(case.address, sim, 200), case.protocol,
                               misspell)
     with case.cls(transport, **case.kwargs) as instrument:
@@ -283,3 +290,93 @@ def test_a_misspelt_command_fails_the_definition_test(sim, name):
         message = repr(transport.errors)
     # the failure names the command: as the driver sent it, or as it went on the wire
     assert right in message or wrong in message, message
+
+
+# --------------------------------------------------------------------------- range errors
+
+#: (definitions file, address, commands leading up to the refused one, a setting outside the
+#: instrument's range, its read-back query, error query, range entry, unknown-header entry,
+#: empty-queue reply)
+RANGE_CASES = {
+    "smb100a": ("sim_lab.yaml", "GPIB0::28::INSTR", [], "SOUR:FREQ 1.000", "SOUR:FREQ?",
+                "SYST:ERR?", '-222,"Data out of range"', '-113,"Undefined header"',
+                '0,"No error"'),
+    "k2400_ovp": ("sim_lab.yaml", "GPIB0::24::INSTR", [], "SOUR:VOLT:PROT 5", "SOUR:VOLT:PROT?",
+                  "SYST:ERR?", '-222,"Parameter data out of range"', '-113,"Undefined header"',
+                  '0,"No error"'),
+    "hmp4040_channel": ("sim_lab.yaml", "USB0::0x0AAD::0x0117::101234::INSTR", ["INST:NSEL 2"],
+                        "VOLT 40.000", "VOLT?", "SYST:ERR?", '-222,"Data out of range"',
+                        '-113,"Undefined header"', '0,"No error"'),
+    "hmp4040_select": ("sim_lab.yaml", "USB0::0x0AAD::0x0117::101234::INSTR", [],
+                       "INST:NSEL 5", "INST:NSEL?", "SYST:ERR?", '-222,"Data out of range"',
+                       '-113,"Undefined header"', '0,"No error"'),
+    "smc100": ("sim_lab.yaml", "ASRL1::INSTR", [], "1PA60.000", "1TP", "1TE", "1TEC", "1TEA",
+               "1TE@"),
+    "ls425": ("lakeshore_425.yaml", "ASRL7::INSTR", [], "UNIT 7", "UNIT?", "*ESR?", "16", "32",
+              "0"),
+}
+
+
+def _open_raw(backend: Any, address: str) -> Any:
+    import pyvisa
+
+    res = pyvisa.ResourceManager(backend).open_resource(address)
+    res.timeout = 200
+    crlf = address.startswith("ASRL")
+    res.write_termination = res.read_termination = "\r\n" if crlf else "\n"
+    return res
+
+
+@pytest.mark.parametrize("name", list(RANGE_CASES))
+def test_a_value_out_of_range_queues_the_range_error_and_answers_nothing(tmp_path, name):
+    file, address, setup, refused, getter, err_q, range_e, command_e, empty = RANGE_CASES[name]
+    path = tmp_path / file
+    shutil.copy(Path(sims.visa.__file__).with_name(file), path)
+    res = _open_raw(sims.visa.visa_library(path), address)
+    for command in setup:
+        res.write(command)
+    assert res.query(err_q) == empty
+    before = res.query(getter)
+    res.write(refused)
+    assert res.query(err_q) == range_e  # not the reply to the setting: it answered nothing
+    assert res.query(err_q) == empty
+    assert res.query(getter) == before  # the setting did not take
+    res.write("NOPE:NOT:A:HEADER 1")
+    assert res.query(err_q) == command_e  # an unknown header stays a command error
+    assert res.query(err_q) == empty
+
+
+def test_the_range_error_needs_the_library_not_a_patch_of_pyvisa_sim(tmp_path):
+    """pyvisa-sim is used as published: opened as a plain ``@sim`` string, the definitions'
+    ``e: range_error`` is sent back as a reply (and nothing is queued)."""
+    from pyvisa_sim.channels import Channels
+    from pyvisa_sim.component import Component
+
+    path = tmp_path / "sim_lab.yaml"
+    shutil.copy(sims.visa.SIM_FILE, path)
+    sims.visa.visa_library(path)
+    assert Component._match_setters.__module__ == "pyvisa_sim.component"
+    assert Channels._match_setters.__module__ == "pyvisa_sim.channels"
+    res = _open_raw(f"{path}@sim", "GPIB0::28::INSTR")
+    res.write("SOUR:FREQ 1.000")
+    assert res.read() == sims.visa.RANGE_ERROR
+    assert res.query("SYST:ERR?") == '0,"No error"'
+
+
+@pytest.mark.parametrize("file", ["sim_lab.yaml", "lakeshore_425.yaml"])
+def test_every_ranged_setter_of_a_device_with_a_range_error_names_it(file):
+    """A property added without ``e: range_error`` would answer -113 for a value out of range."""
+    data = yaml.safe_load(Path(sims.visa.__file__).with_name(file).read_text())
+    checked = 0
+    for device_name, device in data["devices"].items():
+        queues = device.get("error", {}).get("error_queue", [])
+        if not any(sims.visa.RANGE_ERROR in q for q in queues):
+            continue
+        components = [device, *device.get("channels", {}).values()]
+        for comp in components:
+            for prop_name, prop in comp.get("properties", {}).items():
+                if "setter" in prop and prop.get("specs"):
+                    assert prop["setter"].get("e") == sims.visa.RANGE_ERROR, \
+                        f"{file}: {device_name}.{prop_name} has no 'e: range_error'"
+                    checked += 1
+    assert checked >= 4

@@ -15,7 +15,7 @@ import pytest
 from spy import open_spied as spy_open
 from spy import sim_backend
 
-from drivers.base import IdentityError, InstrumentError, InstrumentTimeout, LimitError
+from drivers.base import WALL_CLOCK, IdentityError, InstrumentError, InstrumentTimeout, LimitError
 from drivers.recording import ExchangeLog, RecordingTransport
 from drivers.stages import NewportSMC100, ThorlabsKDC101
 
@@ -211,6 +211,57 @@ def test_smc100_move_timeout_stops_the_axis():
     assert fake.sent[-1] == "1ST"
     x.close()
     assert fake.sent[-2:] == ["1ST", "<close>"]
+
+
+class FakeClock:
+    """Lab time that passes only when someone sleeps on it."""
+
+    def __init__(self, start_s: float = 1000.0) -> None:
+        self.t_s = start_s
+
+    def now_s(self) -> float:
+        return self.t_s
+
+    def sleep(self, seconds: float) -> None:
+        self.t_s += seconds
+
+
+def test_a_driver_waits_on_the_wall_clock_unless_given_another():
+    assert NewportSMC100(ScriptedSMC100(["1TS000033"]), options=LTA).clock is WALL_CLOCK
+
+
+def test_smc100_polls_and_times_out_on_the_clock_it_was_opened_with(mocker, monkeypatch):
+    monkeypatch.setattr(NewportSMC100, "POLL_S", 0.5)
+    wall_sleep = mocker.patch("drivers.base.time.sleep")
+    wall_now = mocker.spy(WALL_CLOCK, "now_s")
+    clock = FakeClock()
+    sleep, now = mocker.spy(clock, "sleep"), mocker.spy(clock, "now_s")
+    fake = ScriptedSMC100(["1TS000033", "1TS000028"])  # READY, then MOVING for ever
+    x = NewportSMC100(fake, options=LTA, clock=clock)
+    assert x.clock is clock
+    with pytest.raises(InstrumentTimeout, match=r"still moving after 30 s"):
+        x.move_abs_mm(20, timeout_s=30)
+    # a poll every 0.5 s of the fake clock's time until it is past the 30 s deadline
+    assert sleep.call_count == 61 and {c.args for c in sleep.call_args_list} == {(0.5,)}
+    assert clock.t_s == pytest.approx(1030.5) and now.call_count == 1 + 62  # deadline, checks
+    assert fake.sent[-1] == "1ST"  # stopped after the timeout
+    wall_sleep.assert_not_called()
+    wall_now.assert_not_called()
+
+
+def test_an_explicit_sleep_still_replaces_the_clocks_between_polls(mocker):
+    clock = FakeClock()
+    clock_sleep = mocker.spy(clock, "sleep")
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:  # the caller's own wait; lab time passes all the same
+        pauses.append(seconds)
+        clock.t_s += 1.0
+
+    x = NewportSMC100(ScriptedSMC100(["1TS000033", "1TS000028"]), options=LTA, clock=clock)
+    with pytest.raises(InstrumentTimeout):
+        x.wait_until_stopped(2.5, sleep=pause)
+    assert len(pauses) == 3 and clock_sleep.call_count == 0  # the deadline is the clock's
 
 
 # =========================================================================== KDC101 APT fake
@@ -425,6 +476,18 @@ def test_kdc101_move_timeout_stops_the_axis():
         stage.move_abs_mm(20, timeout_s=0.02)
     stop = [raw for msg_id, raw in fake.received if msg_id == 0x0465][-1]
     assert stop == bytes([0x65, 0x04, 0x01, 0x02, 0x50, 0x01])  # channel 1, profiled stop
+
+
+def test_kdc101_opened_with_a_clock_polls_and_times_out_on_it(mocker, monkeypatch):
+    monkeypatch.setattr(ThorlabsKDC101, "POLL_S", 0.25)
+    clock = FakeClock()
+    sleep = mocker.spy(clock, "sleep")
+    fake = FakeKDC101()
+    stage = kdc(fake, clock=clock)
+    fake.move_forever = True
+    with pytest.raises(InstrumentTimeout, match=r"still moving after 7 s"):
+        stage.move_abs_mm(20, timeout_s=7)
+    assert sleep.call_count == 29 and clock.t_s == pytest.approx(1007.25)
 
 
 def test_kdc101_timeout_names_instrument_and_message():

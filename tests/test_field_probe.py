@@ -36,6 +36,7 @@ from drivers.registry import DRIVERS
 from hil.errors import ConfigError, HilError
 from hil.lab import load_lab_config, open_lab
 from sims.virtual_lab import World, WorldConfigError
+from sims.visa import visa_library
 
 ROOT = Path(sims.__file__).resolve().parent.parent
 LAB = ROOT / "lab_configs" / "virtual.yaml"
@@ -47,12 +48,11 @@ PROBE = {"address": "ASRL/dev/ttyACM0::INSTR", "model": "lakeshore_425"}
 
 
 @pytest.fixture
-def sim425(tmp_path: Path) -> str:
+def sim425(tmp_path: Path) -> Any:
     """A private copy of the 425's pyvisa-sim file (out-of-range values queue EXE)."""
-    sim_backend(tmp_path)  # installs the -222/EXE split
     path = tmp_path / "lakeshore_425.yaml"
     path.write_text((ROOT / "sims" / "visa" / "lakeshore_425.yaml").read_text())
-    return f"{path}@sim"
+    return visa_library(path)
 
 
 def EsrChecking(inner: Any, misspell: dict[str, str] | None = None) -> ErrorChecking:

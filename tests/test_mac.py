@@ -279,3 +279,64 @@ def test_chains_behind_a_splitter_are_read_on_their_channels_in_one_rf_period(be
     for k in range(3):
         corr = np.corrcoef(res.mac[0, k][core], ideal[k][core])[0, 1]
         assert corr > 0.9, (k, corr)
+
+
+class _FakeSwitch:
+    port = 3
+
+
+class _FakeLab(dict):
+    """What ``Convolver.run`` touches itself (the plan does the measuring)."""
+
+    def __init__(self) -> None:
+        super().__init__(source_switch=_FakeSwitch())
+
+
+class _RecordingPlan:
+    """A plan object: 'measures' each patch's sum on every chain and records its blocks."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.blocks: list[range] = []
+
+    def measure_block(self, conv, block, patches, volts, measured, per_image_s, done) -> None:
+        self.blocks.append(block)
+        for i in block:
+            for c in range(len(conv.chains)):
+                volts[i, c] = (c + 1) * patches[i].sum(-1)
+            measured[i] = True
+            per_image_s.append(1.5)
+        done(block)
+
+
+def test_a_plan_object_is_used_and_names_map_through_the_registry():
+    from types import SimpleNamespace
+
+    from calibration.mac import PLANS, Algorithm3Plan, PlannedPlan, make_plan
+
+    assert PLANS == {"planned": PlannedPlan, "algorithm3": Algorithm3Plan}
+    events: list[str] = []
+    source = SimpleNamespace(start=lambda: events.append("start"), shutdown=lambda: events.append("stop"))
+    chains = [PlacedChain(f"c{k}", k + 1, [0.25] * 4, 1.0, v_max_v=2.0 * (k + 1)) for k in range(2)]
+    plan = _RecordingPlan()
+    lab = _FakeLab()
+    conv = Convolver(lab, source, chains, Ledger(lambda: 0.0), plan=plan, every=2,  # type: ignore[arg-type]
+                     source_port=1)
+    assert conv.plan is plan
+    finished: list[range] = []
+    images = np.random.default_rng(0).random((5, 3, 3))
+    res = conv.run(images, on_done=lambda idx, mac, volts: finished.append(idx))
+    assert plan.blocks == [range(0, 2), range(2, 4), range(4, 5)] == finished
+    assert events == ["start", "stop"] and lab["source_switch"].port == 0  # RF off after
+    expected = patches_2x2(images).sum(-1) / 2.0  # chain c: (c + 1) x sum / (2 (c + 1))
+    assert np.allclose(res.mac, expected[:, None])
+    assert res.measured.all() and res.lab_s_per_image == [1.5] * 5
+    # the names build the registry's plans; anything else is refused, naming what is allowed
+    assert isinstance(make_plan("planned"), PlannedPlan)
+    assert isinstance(Convolver(lab, source, chains, Ledger(lambda: 0.0), plan="algorithm3",  # type: ignore[arg-type]
+                                source_port=1).plan, Algorithm3Plan)
+    with pytest.raises(ValueError, match="plan must be one of 'planned', 'algorithm3'"):
+        make_plan("fastest")
+    with pytest.raises(TypeError, match="measure_block"):
+        make_plan(object())  # type: ignore[arg-type]

@@ -42,7 +42,7 @@ def layers_of(net):
 def test_ideal_device_reproduces_the_model():
     """No mismatch, noise or drift, the model's integrator: the chip measures the model's states."""
     net = trained_like_net()
-    dev = OscillatorArrayDevice(cfg(**IDEAL, method=MC.scheme, substeps=MC.substeps), seed=3)
+    dev = OscillatorArrayDevice(cfg(**IDEAL, method=MC.scheme, solver_substeps=MC.substeps), seed=3)
     dev.program(layers_of(net))
     u = torch.rand(5, 20, 1, generator=torch.Generator().manual_seed(0))
     r = dev.run(u.numpy())
@@ -57,8 +57,9 @@ def test_heun_is_closer_to_the_ode_than_euler_at_the_same_step():
     net = trained_like_net(1)
     u = np.random.default_rng(0).random((4, 16, 1))
     out = {}
-    for name, kw in {"ref": dict(method="heun", substeps=64), "heun": dict(method="heun", substeps=4),
-                     "euler": dict(method="euler", substeps=4)}.items():
+    for name, kw in {"ref": dict(method="heun", solver_substeps=64),
+                     "heun": dict(method="heun", solver_substeps=4),
+                     "euler": dict(method="euler", solver_substeps=4)}.items():
         d = OscillatorArrayDevice(cfg(**IDEAL, **kw), 0)
         d.program(layers_of(net))
         out[name] = d.run(u).states
@@ -180,8 +181,8 @@ def test_each_sequence_starts_from_the_oscillators_own_rest_state():
 
 @pytest.mark.parametrize("key, value, words", [
     ("cv_gamma", -0.1, "cv_gamma: must be a number >= 0"),
-    ("substeps", 0, "substeps: must be an integer >= 1"),
-    ("method", "rk4", "method: unknown method 'rk4'"),
+    ("solver_substeps", 0, "solver_substeps: must be an integer >= 1"),
+    ("method", "rk4", "method: unknown method 'rk4'; allowed: expheun, heun, euler or null"),
     ("weight_bits", 1, "weight_bits: must be an integer in [2, 32]"),
     ("tau_ns", 0.0, "tau_ns: must be a positive number"),
 ])

@@ -75,8 +75,30 @@ def test_sine_square_other_modes(mode):
 def test_bptt_modes_only_for_sequence_task(digits):
     from hil.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train.bptt"):
+    with pytest.raises(ConfigError, match=r"train\.bptt: 'truncated' is not available for the digits "
+                                          r"task \(epoch scheme 'batches'\); allowed: full"):
         Trainer([small()], [TrainConfig(bptt="truncated")], [0], digits, progress=False)
+
+
+def test_the_task_picks_the_epoch_scheme(digits, monkeypatch):
+    """The trainer runs the epoch of the task's ``epoch_scheme``, whatever the task's name."""
+    calls: list[str] = []
+    for scheme in ("batches", "sequence"):
+        real = getattr(Trainer, f"_epoch_{scheme}")
+
+        def spy(self, epoch, real=real, scheme=scheme):
+            calls.append(scheme)
+            return real(self, epoch)
+
+        monkeypatch.setattr(Trainer, f"_epoch_{scheme}", spy)
+    sine = SineSquare(TaskConfig(n_periods=4))
+    Trainer([small()], [TrainConfig(epochs=2, output_gain=10.0)], [0], sine, progress=False).fit()
+    assert calls == ["sequence", "sequence"]
+    Trainer([small()], [TrainConfig(epochs=1, batch_size=300)], [0], digits, progress=False).fit()
+    assert calls == ["sequence", "sequence", "batches"]
+    monkeypatch.setattr(type(sine), "epoch_scheme", "batches")  # the same task, told otherwise
+    Trainer([small()], [TrainConfig(epochs=1, output_gain=10.0)], [0], sine, progress=False).fit()
+    assert calls[-1] == "batches"
 
 
 def test_trial_adam_matches_torch_adam():

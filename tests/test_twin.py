@@ -22,7 +22,7 @@ from hil.twin import (
 MC = ModelConfig(n_layers=2, n_hidden=8, tau_ns=5.0, S=1.0, S_in=2.5, b_in=0.4, w_clip_dt=0.9, b_clip_dt=0.2)
 CENTRE = 0.3
 QUIET = ["offset_std=0", "weight_bits=null", "program_noise=0", "synapse_gain_cv=0", "thermal_d_ghz=0",
-         "readout_noise=0", "drift_per_sqrt_s=0", f"method={MC.scheme}", f"substeps={MC.substeps}"]
+         "readout_noise=0", "drift_per_sqrt_s=0", f"method={MC.scheme}", f"solver_substeps={MC.substeps}"]
 
 
 def true_twin(backend) -> TwinParameters:

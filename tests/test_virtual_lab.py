@@ -266,21 +266,21 @@ def test_vco_source_tuning_and_amplifier_curves_on_the_analyser():
     with open_lab(LAB) as lab:
         tune, amp, fsv = lab["vco_supply"], lab.instruments["vco_amp"], lab["spectrum_analyzer"]
         lab["source_switch"].port, lab["switch"].port = 1, 4
-        tune.set_output(1, True)
-        amp.set_voltage_v(1, 4.0)
-        amp.set_output(1, True)
+        tune.ch1.set_output(True)
+        amp.ch1.set_voltage_v(4.0)
+        amp.ch1.set_output(True)
         freqs = []
         for volts in (0.0, 2.5, 5.0, 10.0, 15.0, 17.5, 20.0):
-            tune.set_voltage_v(1, volts)
+            tune.ch1.set_voltage_v(volts)
             lab.sleep(15)
             freqs.append(fsv.measure_peak(2.2e9, 2.0e9, rbw_hz=1e6)[0])
         assert np.all(np.diff(freqs) > 0)
         assert 1.45e9 < freqs[0] < 1.62e9 and 2.8e9 < freqs[-1] < 3.0e9
         assert 1.65e9 < freqs[1] < 1.85e9  # ~1.75 GHz at 2.5 V (thesis: 2.5-17.5 V used)
-        tune.set_voltage_v(1, 2.5)
+        tune.ch1.set_voltage_v(2.5)
         powers = {}
         for volts in (1.0, 1.6, 1.8, 3.0, 4.0, 5.0, 6.0):
-            amp.set_voltage_v(1, volts)
+            amp.ch1.set_voltage_v(volts)
             lab.sleep(15)
             _, powers[volts] = fsv.measure_peak(freqs[1], 20e6, rbw_hz=100e3)
         mw = {v: 10 ** (p / 10) for v, p in powers.items()}

@@ -187,13 +187,13 @@ def test_two_tones_together_give_the_sum_of_each_alone():
         lab["source_switch"].port = 1  # the VCO source
         gate = SwitchGate(lab["switch"], on_port=1, off_port=0)  # RF on/off at the diode
         for ch in (1, 2):
-            amp.set_voltage_v(ch, 0.0)
-            amp.set_output(ch, True)
-            tune.set_output(ch, True)
+            amp.channel(ch).set_voltage_v(0.0)
+            amp.channel(ch).set_output(True)
+            tune.channel(ch).set_output(True)
 
         def measure(a1: float, a2: float) -> tuple[float, float]:
-            amp.set_voltage_v(1, a1)
-            amp.set_voltage_v(2, a2)
+            amp.ch1.set_voltage_v(a1)
+            amp.ch2.set_voltage_v(a2)
             lab.sleep(10.0)  # the source's stabilisation (thesis 4.7)
             r = differential_measurement(gate, nvm, 6, sleep=lab.sleep)
             return r.mean_v, r.sem_v
@@ -201,8 +201,8 @@ def test_two_tones_together_give_the_sum_of_each_alone():
         worst = 0.0
         # tuning voltages: pairs around the diode's resonance, one pair 50 MHz apart
         for t1, t2 in ((5.5, 10.0), (7.0, 8.5), (7.6, 7.9)):
-            tune.set_voltage_v(1, t1)
-            tune.set_voltage_v(2, t2)
+            tune.ch1.set_voltage_v(t1)
+            tune.ch2.set_voltage_v(t2)
             lab.sleep(30.0)  # the VCOs settle (thesis 4.7; the bench's lag is ~60 ms)
             v1, s1 = measure(4.0, 0.0)
             v2, s2 = measure(0.0, 4.0)

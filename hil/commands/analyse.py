@@ -44,15 +44,16 @@ def run(args: argparse.Namespace) -> int:
                                  "max_abs_eigenvalue": float(np.abs(ev).max())})
         analysis.pca_plot(traj[..., sl], colour, folder / f"pca_layer{li}_seed{net.seeds[k]}.png",
                           f"layer {li}")
-    if task.name == "flipflop":
+    if task.error_budget_title is not None:
         # where the misses are, on the whole test split (the trajectories above if they cover it)
         with torch.no_grad():
             full = xseq if n == len(test) else net(test.x)[0]
             out = net.readout(full)[k].numpy()
-        budget = analysis.flipflop_error_budget(out, test.x.numpy(), test.y.numpy())
-        report["error_budget"] = budget
-        analysis.error_budget_plot(budget, folder / f"error_budget_seed{net.seeds[k]}.png",
-                                   f"flip-flop misses, seed {net.seeds[k]}")
+        budget = task.error_budget(out, test.x.numpy(), test.y.numpy())
+        if budget is not None:
+            report["error_budget"] = budget
+            analysis.error_budget_plot(budget, folder / f"error_budget_seed{net.seeds[k]}.png",
+                                       f"{task.error_budget_title}, seed {net.seeds[k]}")
     atomic_write(folder / f"analysis_seed{net.seeds[k]}.json", json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(f"plots written to {folder}")

@@ -71,9 +71,9 @@ class OscillatorChipModel(ScpiModel):
 
     def _build(self) -> None:
         try:
-            cfg = DeviceConfig(**self.settings)
+            cfg = DeviceConfig.from_mapping(self.settings, prefix="device")
             self.device = OscillatorArrayDevice(cfg, self.seed)
-        except (TypeError, DeviceConfigError) as exc:
+        except DeviceConfigError as exc:
             raise ScpiError(-224, f"Illegal parameter value: {exc}") from None
         self.last: Any = None
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from sims.schema import ConfigError, complete_mapping
+
 #: Sections with fixed keys, and their defaults.
 DEFAULTS: dict[str, dict[str, Any]] = {
     # sims.spindiode.SpinDiodeMaterial
@@ -136,13 +138,12 @@ INSTRUMENT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class WorldConfigError(ValueError):
-    """A world file is unreadable or has a missing, unknown or ill-typed key."""
+class WorldConfigError(ConfigError):
+    """A world file is unreadable or has a missing, unknown or ill-typed key (the project's one
+    configuration error type, :class:`sims.schema.ConfigError`; note the argument order)."""
 
     def __init__(self, source: str, key: str, message: str) -> None:
-        self.source = source
-        self.key = key
-        super().__init__(f"{source}: {key}: {message}")
+        super().__init__(key, message, source)
 
 
 REPLACE = "__replace__"
@@ -184,24 +185,14 @@ def _read(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def _section(source: str, key: str, given: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    if given is None:
-        given = {}
-    if not isinstance(given, Mapping):
-        raise WorldConfigError(source, key, f"must be a mapping, got {type(given).__name__}")
-    unknown = [k for k in given if k not in defaults]
-    if unknown:
-        raise WorldConfigError(source, f"{key}.{unknown[0]}",
-                               f"unknown key; allowed: {', '.join(defaults)}")
-    out = deep_merge(defaults, given)
-    for name, default in defaults.items():
-        value = out[name]
-        if isinstance(default, float) and not isinstance(value, bool):
-            if not isinstance(value, int | float):
-                raise WorldConfigError(source, f"{key}.{name}",
-                                       f"must be a number, got {value!r} (YAML reads 1.0e9 as "
-                                       "text: write 1.0e+9)")
-            out[name] = float(value)
-    return out
+    """``given`` checked against ``defaults`` (unknown keys refused, numbers where the default
+    is a float) and deep-merged over them."""
+    try:
+        return complete_mapping(given, defaults, key, source, merge=deep_merge)
+    except WorldConfigError:
+        raise
+    except ConfigError as exc:
+        raise WorldConfigError(source, exc.key, exc.message) from None
 
 
 def load_world_config(path: str | Path, *, overrides: Mapping[str, Any] | None = None,
@@ -322,8 +313,25 @@ def _instrument(source: str, name: str, given: Any) -> dict[str, Any]:
     rest = {k: v for k, v in given.items() if k not in ("model", "address")}
     spec = _section(source, key, rest, INSTRUMENT_DEFAULTS[model])
     spec["model"] = model
+    if model == "hil_oscillator_chip":  # the chip's settings, checked now rather than at open
+        _chip_settings(source, f"{key}.device", spec["device"])
     spec["address"] = canonical_address(given["address"], source, f"{key}.address")
     return spec
+
+
+def _chip_settings(source: str, key: str, given: Any) -> None:
+    """Check a simulated chip's ``device`` settings (``sims.oscillator_device.DeviceConfig``
+    names and types, renamed keys named; the values the chip will be built with)."""
+    from sims.oscillator_device import DeviceConfig
+
+    if given is None:
+        return
+    if not isinstance(given, Mapping):
+        raise WorldConfigError(source, key, "must be a mapping of DeviceConfig settings")
+    try:
+        DeviceConfig.from_mapping(given, prefix=key, source=source)
+    except ConfigError as exc:
+        raise WorldConfigError(source, exc.key, exc.message) from None
 
 
 def canonical_address(address: Any, source: str = "<world>", key: str = "address") -> str:
