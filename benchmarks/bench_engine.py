@@ -2,13 +2,13 @@
 
 One run, one machine, every implementation interleaved round by round (so that a change of
 machine load hits all of them alike). Each timed unit is one real training update of
-:class:`hil.train.Trainer` (forward, loss, backward, gradient clipping, Adam, weight clipping)
+:class:`hil.training.train.Trainer` (forward, loss, backward, gradient clipping, Adam, weight clipping)
 on a fixed batch of the sequential-digits task, for ``K`` trials (seeds) at once:
 
-* ``fast``        the fast engine, :class:`hil.engine.EulerScan` (native back end on CPU);
+* ``fast``        the fast engine, :class:`hil.network.engine.EulerScan` (native back end on CPU);
 * ``fast-torch``  the same engine forced onto its torch back end (the GPU / no-compiler path);
 * ``loop``        the straightforward autograd loop over points, sub-steps and layers
-                  (:func:`hil.engine.scan_reference`);
+                  (:func:`hil.network.engine.scan_reference`);
 * ``torchdiffeq`` ``torchdiffeq.odeint(method="euler", step_size=h)`` on the same ODE (state
                   and high-pass filter as one system, input held constant over each point, the
                   time looked up per step), gradients by autograd through the solver.
@@ -43,11 +43,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hil import engine  # noqa: E402
 from hil.config import RunConfig, load_config  # noqa: E402
-from hil.model import DynamicalNetwork, State  # noqa: E402
-from hil.tasks import SequentialDigits  # noqa: E402
-from hil.train import Trainer  # noqa: E402
+from hil.network import engine  # noqa: E402
+from hil.network.model import DynamicalNetwork, State  # noqa: E402
+from hil.network.tasks import SequentialDigits  # noqa: E402
+from hil.training.train import Trainer  # noqa: E402
 from sims.neurons import NEURON_TYPES  # noqa: E402
 
 IMPLS = ("fast", "fast-torch", "loop", "torchdiffeq")

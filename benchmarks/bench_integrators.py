@@ -4,7 +4,7 @@ The shipped presets used to train through explicit Euler at 4 sub-steps per inpu
 learned to exploit its error. This benchmark measures, in one run on one machine, what a
 converged integrator costs against that engine:
 
-* time of one real training update of :class:`hil.train.Trainer` (forward, loss, backward,
+* time of one real training update of :class:`hil.training.train.Trainer` (forward, loss, backward,
   clipping, Adam) on a fixed batch of the digits preset, for ``K`` seeds at once, every
   integrator interleaved round by round (machine load hits all alike), native kernel;
 * the integrator's error: mean and largest state difference from a converged solution of the
@@ -32,11 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hil import engine  # noqa: E402
 from hil.config import load_config  # noqa: E402
-from hil.convergence import step_error  # noqa: E402
-from hil.tasks import SequentialDigits  # noqa: E402
-from hil.train import Trainer  # noqa: E402
+from hil.network import engine  # noqa: E402
+from hil.network.tasks import SequentialDigits  # noqa: E402
+from hil.training.convergence import step_error  # noqa: E402
+from hil.training.train import Trainer  # noqa: E402
 
 BASELINE = "euler:4"
 

@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hil import engine  # noqa: E402
 from hil.config import load_config  # noqa: E402
-from hil.tasks import make_task  # noqa: E402
-from hil.train import Trainer  # noqa: E402
+from hil.network import engine  # noqa: E402
+from hil.network.tasks import make_task  # noqa: E402
+from hil.training.train import Trainer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -92,7 +92,7 @@ class Stage(Instrument):
     STAGES: ClassVar[dict[str, StageModel]] = {}
     #: Seconds between status polls while waiting for a move to end. The polls and the move's
     #: timeout run on the driver's ``clock`` (``drivers.base.Clock``): the wall clock on a real
-    #: bench, the simulated bench's own clock there (``hil.lab`` passes it), so a move and its
+    #: bench, the simulated bench's own clock there (``hil.bench.lab`` passes it), so a move and its
     #: timeout cost lab time, not wall time.
     POLL_S: ClassVar[float] = 0.05
 

@@ -1,7 +1,7 @@
 """The Python API: what the ``hil`` commands do, callable from a notebook or a script.
 
-``import hil`` exposes these functions (``hil.load_config``, ``hil.train``, ``hil.upload``,
-``hil.tune``, ``hil.open_lab``). Jobs write the same run folders as the commands and return a
+``import hil`` exposes these functions (``hil.load_config``, ``hil.training.train``, ``hil.upload``,
+``hil.training.tune``, ``hil.open_lab``). Jobs write the same run folders as the commands and return a
 :class:`Run` (the folder and its summary); nothing is printed but progress bars (``tqdm.auto``:
 notebook widgets in Jupyter) and nothing changes matplotlib's backend.
 """
@@ -17,8 +17,8 @@ from hil.errors import HilError
 from hil.runs import RunFolder, tracked
 
 if TYPE_CHECKING:
+    from hil.bench.lab import Lab
     from hil.config import RunConfig
-    from hil.lab import Lab
 
 __all__ = ["Run", "load_config", "open_lab", "train", "train_in_the_loop", "tune", "upload"]
 
@@ -61,7 +61,7 @@ def train(config: RunConfig | str | Path, *, runs_dir: str | Path | None = None,
 
     ``log=["tensorboard"]`` also writes TensorBoard event files (``<run folder>/tensorboard``).
     """
-    from hil.experiment import train_run
+    from hil.jobs import train_run
 
     cfg = _config(config)
     folder = _folder("train", runs_dir, name or cfg.task.name, log)
@@ -80,10 +80,11 @@ def train_in_the_loop(config: RunConfig | str | Path, *, backend: str = "sim", d
                       progress: bool = True) -> Run:
     """Train with the chip in the loop, as ``hil train --backend NAME --in-the-loop``: one chip per
     seed, ``estimator`` (``physics``, ``twin:every=K``, ``spsa:c=C,n=N``; see
-    :mod:`hil.estimators`), an optional ``device_budget_s`` per chip, from the weights of the
+    :mod:`hil.chip.estimators`), an optional ``device_budget_s`` per chip, from the weights of the
     trained run ``init``."""
-    from hil.chip_in_loop import check_loop_settings, train_in_the_loop_run
-    from hil.runs import load_run
+    from hil.chip.chip_in_loop import check_loop_settings
+    from hil.jobs import train_in_the_loop_run
+    from hil.training.checkpoints import load_run
 
     cfg = _config(config)
     check_loop_settings(estimator, device_budget_s, curve_every)  # before any folder or chip
@@ -103,7 +104,7 @@ def upload(run_folder: str | Path, *, backend: str = "sim", device: Iterable[str
            verify: bool = False, tol: float = 0.01, max_iters: int = 3, calibrated_twin: bool = False,
            runs_dir: str | Path | None = None, name: str | None = None) -> Run:
     """Upload a trained run to one chip per seed and report the model-to-chip gap, as ``hil upload``."""
-    from hil.study import upload_run
+    from hil.jobs import upload_run
 
     folder = RunFolder.create("upload", runs_dir, name or backend)
     with tracked([folder]):
@@ -123,7 +124,9 @@ def tune(config: RunConfig | str | Path, *, n_trials: int = 40, batch: int = 4, 
     ``storage``: a database URL or ``journal:PATH`` shared with other workers (default: SQLite
     in the run folder); ``space``: ``"section.key=low:high[:log]"`` changes, as ``--space``.
     """
-    from hil import tune as _tune
+    from hil.jobs import run_search
+    from hil.network.engine import record_engine
+    from hil.training import tune as _tune
 
     cfg = _config(config)
     if objective == "val" and cfg.task.val_fraction == 0:
@@ -134,8 +137,9 @@ def tune(config: RunConfig | str | Path, *, n_trials: int = 40, batch: int = 4, 
     folder = RunFolder.create("tune", runs_dir, name or cfg.task.name)
     with tracked([folder]):
         folder.write_config(cfg.to_dict())
+        record_engine(folder, cfg.train.engine)
         folder.write_json("search_space.json", {k: repr(v) for k, v in dims.items()})
-        report = _tune.run_search(cfg, folder.path, storage=storage, study_name=study_name,
+        report = run_search(cfg, folder.path, storage=storage, study_name=study_name,
                                   n_trials=n_trials, batch=batch, workers=workers, objective=objective,
                                   space=dims, seeds_per_trial=seeds_per_trial, prune_warmup=prune_warmup,
                                   sampler_seed=sampler_seed, progress=progress, echo=lambda _: None)
@@ -145,10 +149,10 @@ def tune(config: RunConfig | str | Path, *, n_trials: int = 40, batch: int = 4, 
 
 def open_lab(config: str | Path | Any, **kwargs: Any) -> Lab:
     """Open the instruments of a lab config (``with hil.open_lab("lab.yaml") as lab: ...``);
-    see :func:`hil.lab.open_lab` for ``record_to``, ``replay``, ``roles`` and ``world``.
+    see :func:`hil.bench.lab.open_lab` for ``record_to``, ``replay``, ``roles`` and ``world``.
     A missing optional driver package is named with the extra that installs it."""
+    from hil.bench.lab import open_lab as _open
     from hil.extras import hint
-    from hil.lab import open_lab as _open
 
     try:
         return _open(config, **kwargs)

@@ -19,11 +19,11 @@ import json
 import signal
 import sys
 from collections.abc import Iterator
-from types import FrameType
 from typing import Any
 
 from hil import __version__
 from hil.errors import HilError
+from hil.termination import Terminated, install_termination_handlers
 from sims.schema import ConfigError as SchemaConfigError
 
 # Modules that add subcommands, in the order they appear in ``hil --help``.
@@ -37,28 +37,8 @@ COMMAND_MODULES = (
     "hil.commands.calibrate",
     "hil.commands.conv",
     "hil.commands.runs",
-    "hil.lab",
+    "hil.commands.lab",
 )
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP arrived: unwound like Ctrl-C, so the same safe shutdown runs."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        super().__init__(signal.Signals(signum).name)
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)  # let the shutdown finish
-    raise Terminated(signum)
-
-
-def install_termination_handlers() -> None:
-    """SIGTERM and SIGHUP unwind the program like Ctrl-C (main thread only)."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,7 +154,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _resume_hint(args: argparse.Namespace, folders: list[Any]) -> None:
     """After an interrupted ``hil train``: how to continue it, or why it cannot be."""
-    from hil.experiment import CHECKPOINT_FILE
+    from hil.training.checkpoints import CHECKPOINT_FILE
 
     for folder in folders[:1]:  # the command's own run folder (an upload's sub-folder is not trained)
         if (folder.path / CHECKPOINT_FILE).is_file():

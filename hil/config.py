@@ -24,10 +24,10 @@ from sims.neurons import NEURON_TYPES, default_fixed_bias
 from sims.schema import ConfigError as SchemaConfigError
 from sims.schema import apply_mapping, check_choices, choices
 
-SCHEMES = ("euler", "expheun")  # as hil.engine.SCHEMES (the engine checks they agree)
+SCHEMES = ("euler", "expheun")  # as hil.network.engine.SCHEMES (the engine checks they agree)
 EXPHEUN_KINDS = ("spintronic", "ctrnn")
 
-TASKS = TASK_SPECS  # task name -> spec (hil.task_specs); hil.tasks registers the full classes
+TASKS = TASK_SPECS  # task name -> spec (hil.task_specs); hil.network.tasks registers the full classes
 ENGINES = ("fast", "reference")
 BPTT_MODES = ("full", "truncated", "shifted", "exact")
 MAX_SEEDS = 10_000  # seeds in one run (they train together as a batch dimension)
@@ -53,7 +53,7 @@ class ModelConfig:
     density_intra: float = 0.5
     dt_ns: float = 1.0  # time between two input points
     substeps: int = 4  # integration steps per input point
-    # euler | expheun (hil.engine.SCHEMES); None: expheun where defined
+    # euler | expheun (hil.network.engine.SCHEMES); None: expheun where defined
     integrator: str | None = field(default=None, metadata=choices(SCHEMES, "integrator"))
     # thermal diffusion of the oscillator's power (GHz): the Ito drift of thermal noise, so that
     # an oscillator below threshold rests at ~D / (gamma - I) instead of exactly 0 and one above
@@ -103,7 +103,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    """Which task, with its options (see :mod:`hil.tasks`)."""
+    """Which task, with its options (see :mod:`hil.network.tasks`)."""
 
     name: str = "digits"
     # digits

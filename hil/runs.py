@@ -232,15 +232,15 @@ class RunFolder:
         return atomic_write(self.file(name), redact_secrets(text))
 
     def write_config(self, config: dict[str, Any], name: str = "config.yaml") -> Path:
-        path = atomic_write(self.file(name), yaml.safe_dump(redact_data(config), sort_keys=False))
-        train, env = config.get("train"), self.file("environment.json")
-        if isinstance(train, dict) and "engine" in train and env.exists():  # the engine to run
-            from hil.engine import native_record
+        return atomic_write(self.file(name), yaml.safe_dump(redact_data(config), sort_keys=False))
 
-            data = json.loads(env.read_text())
-            data["engine"] = native_record(train["engine"])
-            self.write_json("environment.json", data)
-        return path
+    def update_environment(self, **entries: Any) -> Path:
+        """Add or replace top-level entries of ``environment.json`` (e.g. the engine a job runs,
+        known once its config is: ``hil.network.engine.record_engine``)."""
+        env = self.file("environment.json")
+        data = json.loads(env.read_text()) if env.exists() else {}
+        data.update(entries)
+        return self.write_json("environment.json", data)
 
     def write_json(self, name: str, data: Any) -> Path:
         """Write ``data`` as JSON atomically: non-finite numbers as ``null``, secrets redacted."""
@@ -325,8 +325,6 @@ class RunFolder:
         import numpy
         import torch
 
-        from hil.engine import native_record
-
         env = {
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "argv": [redact_secrets(a) for a in sys.argv],
@@ -336,7 +334,6 @@ class RunFolder:
             "numpy": numpy.__version__,
             "git_commit": _git_commit(),
             "cpu_threads": torch.get_num_threads(),
-            "engine": native_record(),  # the native kernel's state (write_config adds the name)
         }
         return self.write_json("environment.json", env)
 
@@ -450,33 +447,3 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
-
-
-def load_run(folder: Path) -> tuple[Any, Any, Any]:
-    """Rebuild a trained run's ``(config, task, network)`` from its folder (``model.pt`` loaded
-    with ``weights_only=True``: a crafted file cannot run code)."""
-    from hil.config import RunConfig, update
-    from hil.model import DynamicalNetwork
-    from hil.tasks import make_task
-
-    ckpt_path = folder / "model.pt"
-    if not ckpt_path.is_file():
-        raise HilError(f"{folder}: no model.pt; is this a folder written by hil train?")
-    ckpt = load_checkpoint(ckpt_path)  # weights_only=True: a crafted file cannot run code
-    missing = [k for k in ("config", "seeds", "n_in", "n_out", "input_centre", "state_dict")
-               if k not in ckpt]
-    if missing or not isinstance(ckpt["config"], dict):
-        raise HilError(f"{ckpt_path}: not a checkpoint of hil train "
-                       f"(missing {', '.join(missing) or 'config'})")
-    cfg = update(RunConfig(), {k: v for k, v in ckpt["config"].items() if k != "preset"},
-                 str(ckpt_path))
-    task = make_task(cfg.task, cfg.train.output_gain)
-    try:
-        net = DynamicalNetwork([cfg.model] * len(ckpt["seeds"]), ckpt["n_in"], ckpt["n_out"],
-                               ckpt["seeds"], ckpt["input_centre"])
-        net.load_state_dict(ckpt["state_dict"])
-    except (RuntimeError, TypeError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise HilError(f"{ckpt_path}: the weights do not fit the network of its config "
-                       f"({first[:200]})") from None
-    return cfg, task, net

@@ -2,9 +2,9 @@
 without its data, and the registry of task names.
 
 :mod:`hil.config` validates ``task.name`` and estimates a run's memory from these specs; it
-must stay cheap to import, so this module imports neither torch nor :mod:`hil.tasks`. The
-task classes of :mod:`hil.tasks` subclass these specs and add the data, loss and metric;
-registering one (:func:`hil.tasks.register_task`) registers its spec here too, so a new task
+must stay cheap to import, so this module imports neither torch nor :mod:`hil.network.tasks`. The
+task classes of :mod:`hil.network.tasks` subclass these specs and add the data, loss and metric;
+registering one (:func:`hil.network.tasks.register_task`) registers its spec here too, so a new task
 is a new class, with no name compared anywhere.
 """
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from hil import plots
-from hil.budget_study import budget_table, table_markdown
-from hil.runs import RunFolder, load_run
-from hil.study import evaluate_model
-from hil.train import summarize
+from hil.chip.budget_study import budget_table, table_markdown
+from hil.chip.study import evaluate_model
+from hil.runs import RunFolder
+from hil.training.checkpoints import load_run
+from hil.training.train import summarize
 
 
 def _last_point(pts: list[dict], seed: int) -> dict:

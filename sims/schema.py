@@ -1,6 +1,6 @@
 """One way to check configuration mappings, and one error type for every bad value.
 
-Run configs (``hil.config``), lab configs (``hil.lab``), virtual-lab world files
+Run configs (``hil.config``), lab configs (``hil.bench.lab``), virtual-lab world files
 (``sims.virtual_lab.config``) and simulated-chip settings (``sims.oscillator_device``) all
 validate with these helpers and raise :class:`ConfigError` (or a subclass), so a user, a test
 or the CLI catches one type whose message reads ``"{source}: {key}: {message}"``: the file (or

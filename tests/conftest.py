@@ -17,7 +17,7 @@ def runs_dir(tmp_path, monkeypatch):
 def require_native_or_skip():
     """The native kernel's library: the test is skipped when it cannot be built (no compiler),
     but fails when ``HIL_REQUIRE_NATIVE=1`` (CI), where a missing kernel is a bug."""
-    from hil import engine
+    from hil.network import engine
 
     try:
         lib = engine.native_library()  # raises under HIL_REQUIRE_NATIVE=1

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from hil import analysis, design_rules
 from hil.config import ModelConfig
+from hil.network import analysis, design_rules
 
 
 def test_pca_recovers_a_planar_trajectory():
@@ -36,7 +36,7 @@ def test_plots_are_written(tmp_path):
 
 
 def test_flipflop_error_budget_classes_and_a_late_switch(tmp_path):
-    from hil.tasks import flipflop_batch
+    from hil.network.tasks import flipflop_batch
 
     x, y = flipflop_batch(20, 100, 3, 0.05, 0.05, 2, 3, seed=4)
     perfect = analysis.flipflop_error_budget(y.copy(), x, y)

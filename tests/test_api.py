@@ -39,16 +39,18 @@ def test_readme_python_snippet_runs(runs_dir, monkeypatch, capsys):
     assert kinds == ["train", "train-in-the-loop", "tune", "upload"]
 
 
-def test_import_hil_is_cheap_and_train_tune_are_callable_modules():
+def test_import_hil_is_cheap_and_exposes_the_api():
     r = _python("import sys, hil; assert 'torch' not in sys.modules, 'torch'; "
                 "assert 'matplotlib' not in sys.modules, 'matplotlib'; "
                 "print(sorted(n for n in hil.__all__ if not n.startswith('_')))")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['load_config', 'open_lab', 'train', 'train_in_the_loop', 'tune', 'upload']"
-    # whoever imports the submodules first, they stay modules and become callable
-    r = _python("import hil.train, hil.tune\nfrom hil import tune\nimport hil\n"
-                "assert callable(hil.train) and callable(tune) and tune is hil.tune\n"
-                "print(hil.train.Trainer.__name__, len(tune.SEARCH_SPACE), hil.load_config.__module__)")
+    # the library's modules do not shadow the API's functions, whoever is imported first
+    r = _python("import hil.training.train, hil.training.tune\nimport hil\n"
+                "from hil.training import tune\n"
+                "assert hil.train.__module__ == 'hil.api' and hil.tune.__module__ == 'hil.api'\n"
+                "print(hil.training.train.Trainer.__name__, len(tune.SEARCH_SPACE),"
+                " hil.load_config.__module__)")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["Trainer", "8", "hil.api"]
 
@@ -65,7 +67,7 @@ def test_plotting_never_switches_the_matplotlib_backend(tmp_path):
     r = _python(f"""
 import sys, matplotlib
 matplotlib.use("pdf")
-import hil.analysis, hil.conv_report, hil.hybrid, hil.study, hil.tune
+import hil.network.analysis, hil.conv.report, hil.conv.hybrid, hil.chip.study, hil.training.tune
 from hil import plots
 hist = [{{"epoch": e, "seed": s, "train_accuracy": 0.1 * e, "test_accuracy": 0.1 * e}}
         for s in (0, 1) for e in range(3)]

@@ -1,4 +1,4 @@
-"""The Backend contract: every implementation in ``hil.backends.BACKENDS`` must pass all of it.
+"""The Backend contract: every implementation in ``hil.chip.backends.BACKENDS`` must pass all of it.
 
 A new backend (an instrument-backed chip, say) is added to ``BACKENDS`` or to ``EXTRA`` below
 and runs through the same tests.
@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from hil.backends import BACKENDS, Backend, BackendError, Measurement, make_backend
+from hil.chip.backends import BACKENDS, Backend, BackendError, Measurement, make_backend
 from hil.config import ModelConfig
 from hil.errors import ConfigError
 

@@ -54,7 +54,7 @@ def test_benchmark_ctrnn_rows_agree(capsys):
 def test_subnormal_benchmark_runs(tmp_path, capsys, native_lib):
     """Smoke test of bench_subnormals.py: both modes run on the same parameters and agree (no
     timing assertion; whether subnormals appear depends on training longer than this)."""
-    from hil import engine
+    from hil.network import engine
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_subnormals.py"
     spec = importlib.util.spec_from_file_location("bench_subnormals", path)

@@ -40,8 +40,8 @@ from calibration.reference import (
     resonance_from_curve,
 )
 from calibration.source import calibrate_source, measure_tone, set_tone
+from hil.bench.lab import Lab, open_lab
 from hil.commands.calibrate import REFERENCE_SAMPLE  # three reference devices on ports 1-3
-from hil.lab import Lab, open_lab
 from sims.virtual_lab import World
 
 ROOT = Path(sims.__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def reference_lab(seed: int = SEED) -> Lab:
 
 
 def full_plan() -> SweepPlan:
-    from hil.hybrid import reference_plan
+    from hil.conv.hybrid import reference_plan
 
     plan = reference_plan()
     assert plan.devices == DEVICES

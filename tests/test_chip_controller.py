@@ -10,9 +10,9 @@ import pytest
 
 from drivers.base import InstrumentError, LimitError
 from drivers.oscillator_chip import OscillatorChipController, decode_block, encode_block
-from hil.backends import InstrumentChipBackend
+from hil.bench.lab import package_root
+from hil.chip.backends import InstrumentChipBackend
 from hil.cli import main
-from hil.lab import package_root
 from sims.oscillator_device import DeviceConfig, OscillatorArrayDevice
 from sims.virtual_lab import VirtualVisaLibrary, World
 

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from hil.backends import Backend, BackendSpec, Measurement, ModelBackend, make_backend
-from hil.chip_in_loop import ChipInTheLoop, ChipInTheLoopTrainer
+from hil.chip.backends import Backend, BackendSpec, Measurement, ModelBackend, make_backend
+from hil.chip.chip_in_loop import ChipInTheLoop, ChipInTheLoopTrainer
+from hil.chip.twin import TwinMonitor
 from hil.cli import main
 from hil.config import ModelConfig, TaskConfig, TrainConfig
 from hil.errors import ConfigError
-from hil.model import DynamicalNetwork, State
-from hil.tasks import SequentialDigits
-from hil.twin import TwinMonitor
+from hil.network.model import DynamicalNetwork, State
+from hil.network.tasks import SequentialDigits
 
 MC = ModelConfig(n_layers=2, n_hidden=6, tau_ns=5.0, S=1.0, S_in=2.5, b_in=0.4, w_clip_dt=0.9, b_clip_dt=0.2)
 IDEAL = ["cv_gamma=0", "cv_sigma=0", "offset_std=0", "weight_bits=null", "program_noise=0",

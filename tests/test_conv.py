@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from hil.cli import main
-from hil.conv import (
+from hil.conv.images import (
+    FASHION_CLASSES,
+    FASHION_FILES,
+    ImageSplit,
+    load_digits_images,
+    load_fashion_mnist,
+    load_images,
+    read_idx,
+)
+from hil.conv.network import (
     THESIS_FREQS_HZ,
     ConvNet,
     confusion_matrix,
@@ -21,15 +30,6 @@ from hil.conv import (
     train_conv,
 )
 from hil.errors import ConfigError, HilError
-from hil.images import (
-    FASHION_CLASSES,
-    FASHION_FILES,
-    ImageSplit,
-    load_digits_images,
-    load_fashion_mnist,
-    load_images,
-    read_idx,
-)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_noise_is_multiplicative_fresh_and_seeded(digits):
     black = torch.zeros(4, 1, 8, 8)
     assert torch.equal(net(black, noise=0.5, generator=g), net(black))
     # relative spread of the noisy MAC is n_l
-    from hil.conv import multiplicative_noise
+    from hil.conv.network import multiplicative_noise
 
     m = torch.full((200_000,), 2.0)
     noisy = multiplicative_noise(m, 0.5, torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""Tests for hil.conv_report: MAC error statistics, Fig. 4.9/4.10 plots, lab time, markdown."""
+"""Tests for hil.conv.report: MAC error statistics, Fig. 4.9/4.10 plots, lab time, markdown."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hil import conv_report as cr
+from hil.conv import report as cr
 
 N, K, H, W = 6, 3, 8, 8
 GAIN = np.array([1.05, 1.0, 0.97])  # per-kernel systematic weight error
@@ -244,7 +244,7 @@ def test_weight_error_rows_by_hand():
 
 
 def _deploy_folder(tmp_path, w_hw):
-    """A deploy run folder as ``hil.hybrid.deploy`` writes it (the files the report reads)."""
+    """A deploy run folder as ``hil.conv.hybrid.deploy`` writes it (the files the report reads)."""
     import yaml
 
     rng = np.random.default_rng(2)

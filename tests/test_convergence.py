@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from hil import convergence, engine
 from hil.config import ModelConfig, load_config
-from hil.convergence import integration, reference_check, step_error
-from hil.engine import Dynamics, integrate
-from hil.model import DynamicalNetwork
-from hil.tasks import make_task
+from hil.network import engine
+from hil.network.engine import Dynamics, integrate
+from hil.network.model import DynamicalNetwork
+from hil.network.tasks import make_task
+from hil.training import convergence
+from hil.training.convergence import integration, reference_check, step_error
 from sims.neurons import drift, held_drive_step
 from sims.oscillator_device import DeviceConfig, OscillatorArrayDevice
 

@@ -1,4 +1,4 @@
-"""Issue 20 item 8: ``hil.hybrid.deploy`` is the procedure's steps, each a public function whose
+"""Issue 20 item 8: ``hil.conv.hybrid.deploy`` is the procedure's steps, each a public function whose
 frozen result the next one takes. Run one at a time (a user may stop after any step and look
 at its result), they write the same files and give the same numbers as ``deploy``; an error at
 the bench leaves every RF source off.
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from calibration.chain import read_design
-from hil import hybrid
-from hil.conv import kernels_file, save_model, train_conv
-from hil.images import load_digits_images
-from hil.lab import load_lab_config
+from hil.bench.lab import load_lab_config
+from hil.conv import hybrid
+from hil.conv.images import load_digits_images
+from hil.conv.network import kernels_file, save_model, train_conv
 from hil.runs import RunFolder, to_json
 from sims.virtual_lab.sources import RfSourceModel
 

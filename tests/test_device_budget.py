@@ -17,15 +17,15 @@ import pytest
 import torch
 from test_chip_in_loop import IDEAL, MC  # the small network and the ideal chip of those tests
 
-from hil.backends import ModelBackend, make_backend
-from hil.budget_study import budget_table, time_to_reach
-from hil.chip_in_loop import ChipInTheLoop, ChipInTheLoopTrainer
+from hil.chip.backends import ModelBackend, make_backend
+from hil.chip.budget_study import budget_table, time_to_reach
+from hil.chip.chip_in_loop import ChipInTheLoop, ChipInTheLoopTrainer
+from hil.chip.estimators import SPSA, PhysicsAware, TwinPeriodic, make_estimator, reidentify
 from hil.cli import main
 from hil.config import TaskConfig, TrainConfig
 from hil.errors import ConfigError
-from hil.estimators import SPSA, PhysicsAware, TwinPeriodic, make_estimator, reidentify
-from hil.model import DynamicalNetwork
-from hil.tasks import SequentialDigits
+from hil.network.model import DynamicalNetwork
+from hil.network.tasks import SequentialDigits
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_reidentification_makes_the_twin_follow_a_mismatched_chip(digits):
     and so does the free-running twin's distance to the chip on inputs it was not fitted on.
     (gamma, sigma and the fixed bias are not separately identifiable from such data: the test
     holds the twin's predictions to the chip, not each parameter to its true value.)"""
-    from hil.twin import state_residual
+    from hil.chip.twin import state_residual
 
     chip = make_backend("sim", MC, 1, digits.input_centre, 0,
                         [k for k in IDEAL if not k.startswith("cv_")] + ["cv_gamma=0.3", "cv_sigma=0.3"])
@@ -294,8 +294,8 @@ def test_readout_refit_reads_the_chips_own_states(digits):
     """One pass of the training split on a mismatched chip, the host readout refitted: the
     measured loss falls, the chip's parameters stay, and the device did one upload and one
     pass (no training runs)."""
-    from hil.study import evaluate_on_backend, refit_readout_on_chip
-    from hil.train import EVAL_CHUNK, Trainer
+    from hil.chip.study import evaluate_on_backend, refit_readout_on_chip
+    from hil.training.train import EVAL_CHUNK, Trainer
 
     tc = TrainConfig(epochs=3, batch_size=150, lr0=0.02)
     net = Trainer([MC], [tc], [0], digits, progress=False).fit().net
@@ -332,7 +332,7 @@ def test_budget_stops_a_task_trained_as_one_series():
     """Sine/square trains on one long series (an update per epoch, not per batch): the budget is
     checked after every update there too."""
     from hil.config import load_config
-    from hil.tasks import make_task
+    from hil.network.tasks import make_task
 
     cfg = load_config(None, preset="sine_square", seeds="0",
                       overrides=["train.bptt=full", "train.epochs=4", "model.n_hidden=4"])

@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from hil import engine
 from hil.config import ModelConfig
-from hil.engine import Dynamics, EulerScan, band_mask, scan_reference
-from hil.model import DynamicalNetwork
+from hil.network import engine
+from hil.network.engine import Dynamics, EulerScan, band_mask, scan_reference
+from hil.network.model import DynamicalNetwork
 from sims.neurons import NEURON_TYPES
 
 BACKENDS = ["native", "torch"]

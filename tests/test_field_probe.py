@@ -33,8 +33,8 @@ from calibration.reference import ReferenceMap, SweepPlan, kittel_hz
 from drivers.base import DriverError, IdentityError, InstrumentError, LimitError
 from drivers.gaussmeter import LakeShore425
 from drivers.registry import DRIVERS
+from hil.bench.lab import load_lab_config, open_lab
 from hil.errors import ConfigError, HilError
-from hil.lab import load_lab_config, open_lab
 from sims.virtual_lab import World, WorldConfigError
 from sims.visa import visa_library
 

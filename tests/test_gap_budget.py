@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
+from hil.chip.gap_budget import FACTORS, PERFECT, format_budget, gap_budget, write_budget
 from hil.config import ModelConfig, TaskConfig
-from hil.gap_budget import FACTORS, PERFECT, format_budget, gap_budget, write_budget
-from hil.model import DynamicalNetwork
+from hil.network.model import DynamicalNetwork
+from hil.network.tasks import make_task
 from hil.runs import RunFolder
-from hil.tasks import make_task
 
 
 @pytest.fixture(scope="module")

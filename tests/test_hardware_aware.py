@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from hil.config import ConfigError, HardwareConfig, ModelConfig, TaskConfig, load_config
-from hil.model import DynamicalNetwork
-from hil.tasks import make_task
-from hil.train import Trainer
+from hil.network.model import DynamicalNetwork
+from hil.network.tasks import make_task
+from hil.training.train import Trainer
 
 MC = ModelConfig(n_layers=2, n_hidden=6, tau_ns=5.0, S=0.8, S_in=2.5, w_clip_dt=0.9, b_clip_dt=0.2,
                  substeps=2)

@@ -4,7 +4,11 @@ function-local ones too):
 - ``drivers`` and ``sims`` import nothing of ours (they stand alone on a bench or in a test);
 - ``calibration`` imports ``drivers`` only (it measures through instruments, never the
   simulator's hidden truth);
-- no library module of ``hil`` imports ``hil.commands`` (the commands are a thin layer on top);
+- no library module of ``hil`` imports the top layer (``hil.commands``, ``hil.cli``, ``hil.jobs``,
+  ``hil.api``): the commands and the jobs sit on the library, never the other way;
+- ``hil``'s sub-packages keep their order: ``network`` (model, engines, tasks) and ``bench`` (lab
+  configs, instruments) import no other sub-package; ``training`` only ``network``; ``conv`` only
+  ``bench``; ``chip`` those three; the core modules (``hil.config``, ``hil.runs``, ...) none;
 - the module-level import graph has no cycle.
 
 Each rule is also shown to fail on an injected violation.
@@ -25,6 +29,22 @@ ALLOWED = {"drivers": set(), "sims": set(), "calibration": {"drivers"},
            "hil": {"drivers", "calibration", "sims"}}
 #: hil modules that are the command layer (may import hil.commands)
 COMMAND_LAYER = ("hil.commands", "hil.cli", "hil.__main__")
+#: the top layer: what the library never imports (the package itself exposes the API lazily)
+TOP_LAYER = ("hil.commands", "hil.cli", "hil.__main__", "hil.jobs", "hil.api")
+#: which sub-packages of hil each one may import (besides itself and the core modules)
+SUBPACKAGES = {"network": set(), "bench": set(), "training": {"network"}, "conv": {"bench"},
+               "chip": {"network", "training", "bench"}}
+
+
+def _layer(name: str) -> str:
+    """``top``, a sub-package's name, ``core`` (hil's own modules such as hil.config) or ``pkg``
+    (the ``hil`` package itself)."""
+    if name == "hil":
+        return "pkg"
+    if name.startswith(TOP_LAYER):
+        return "top"
+    part = name.split(".")[1]
+    return part if part in SUBPACKAGES else "core"
 
 
 def sources() -> dict[str, str]:
@@ -69,8 +89,27 @@ def violations(mods: dict[str, str]) -> list[str]:
             if (top == "hil" and imp.startswith("hil.commands")
                     and not name.startswith(COMMAND_LAYER)):
                 bad.append(f"{name} imports {imp} (library code never imports the commands)")
+            if top == "hil" and other == "hil" and imp != "hil":
+                bad += _layer_violation(name, imp, mods)
     bad += [f"import cycle: {' -> '.join(c)}" for c in cycles(mods)]
     return bad
+
+
+def _layer_violation(name: str, imp: str, mods: dict[str, str]) -> list[str]:
+    """The layering rules for one import inside ``hil``."""
+    target = _resolve(imp, mods)
+    if target is None or target == "hil":
+        return []
+    mine, theirs = _layer(name), _layer(target)
+    if mine in ("top", "pkg") or mine == theirs:
+        return []
+    if theirs == "top" and not (name.startswith(COMMAND_LAYER) or imp.startswith("hil.commands")):
+        return [f"{name} imports {imp} (library code never imports the top layer: "
+                f"{', '.join(TOP_LAYER[:1] + TOP_LAYER[3:])}, hil.cli)"]
+    if theirs in SUBPACKAGES and (mine == "core" or theirs not in SUBPACKAGES[mine]):
+        allowed = "none" if mine == "core" else ", ".join(sorted(SUBPACKAGES[mine])) or "none"
+        return [f"{name} imports {imp} (hil.{mine} may import the sub-packages: {allowed})"]
+    return []
 
 
 def _resolve(name: str, mods: dict[str, str]) -> str | None:
@@ -124,8 +163,14 @@ def test_the_layout_keeps_its_import_rules():
     ("drivers.rf_source", "from hil.errors import HilError\n", "drivers.rf_source imports hil.errors"),
     ("sims.spindiode", "def f():\n    import calibration.chain\n", "sims.spindiode imports calibration"),
     ("calibration.chain", "from sims.spindiode import chain_network\n", "calibration.chain imports sims"),
-    ("hil.study", "def f():\n    from hil.commands.train import run\n", "never imports the commands"),
-    ("hil.model", "import hil.train\n", "import cycle"),
+    ("hil.chip.study", "def f():\n    from hil.commands.train import run\n", "never imports the commands"),
+    ("hil.network.model", "import hil.training.train\n", "hil.network may import the sub-packages: none"),
+    ("hil.training.train", "def f():\n    from hil.jobs import train_run\n", "never imports the top layer"),
+    ("hil.training.tune", "def f():\n    from hil.cli import main\n", "never imports the top layer"),
+    ("hil.runs", "def f():\n    from hil.network.model import DynamicalNetwork\n",
+     "hil.core may import the sub-packages: none"),
+    ("hil.conv.hybrid", "from hil.chip.twin import Twin\n", "hil.conv may import the sub-packages: bench"),
+    ("hil.network.tasks", "from hil.training.train import Trainer\n", "import cycle"),
 ])
 def test_an_injected_violation_is_caught(module, code, words):
     mods = sources()

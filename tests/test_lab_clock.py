@@ -21,9 +21,9 @@ import yaml
 from drivers.base import WALL_CLOCK, InstrumentError, InstrumentTimeout
 from drivers.nanovoltmeter import differential_measurement
 from drivers.recording import LOG_NAME
-from hil.backends import InstrumentChipBackend
+from hil.bench.lab import Lab, open_lab, package_root
+from hil.chip.backends import InstrumentChipBackend
 from hil.errors import ConfigError
-from hil.lab import Lab, open_lab, package_root
 from sims.oscillator_device import DeviceConfig
 
 ROOT = package_root()

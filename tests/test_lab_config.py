@@ -14,9 +14,9 @@ import yaml
 import sims
 from drivers.rf_source import RohdeSchwarzSMB100A
 from drivers.stages import NewportSMC100
-from hil import lab as lab_module
+from hil.bench.lab import ROLES, LabError, load_lab_config, open_lab, parse_lab_config
+from hil.commands import lab as lab_command
 from hil.errors import ConfigError
-from hil.lab import ROLES, LabError, load_lab_config, open_lab, parse_lab_config
 
 ROOT = Path(sims.__file__).resolve().parent.parent
 
@@ -257,7 +257,7 @@ def test_open_lab_only_the_roles_asked_for(tmp_path):
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hil")
     sub = parser.add_subparsers(dest="command")
-    lab_module.register(sub)
+    lab_command.register(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -296,7 +296,7 @@ def test_hil_lab_check_needs_an_action_and_a_valid_config(tmp_path):
 def test_hil_main_prints_config_errors_once_wired(tmp_path, monkeypatch, capsys):
     from hil import cli as hil_cli
 
-    monkeypatch.setattr(hil_cli, "COMMAND_MODULES", ("hil.lab",))
+    monkeypatch.setattr(hil_cli, "COMMAND_MODULES", ("hil.commands.lab",))
     data = copy.deepcopy(BASE)
     data["roles"]["voltmeter"] = "smb"
     path = write(tmp_path, data)
@@ -321,7 +321,7 @@ def test_a_second_program_is_refused_naming_the_holder_and_sends_nothing(tmp_pat
     del data["roles"]["stage.x"], data["roles"]["stage.rotation"]
     config = write(tmp_path, data)
     second_log = tmp_path / "second.jsonl"
-    script = ("import sys\nfrom hil.lab import LabError, open_lab\n"
+    script = ("import sys\nfrom hil.bench.lab import LabError, open_lab\n"
               "try:\n    open_lab(sys.argv[1], record_to=sys.argv[2]).close()\n"
               "except LabError as exc:\n    print('REFUSED', exc)\n")
     with open_lab(config):  # this program holds the bench

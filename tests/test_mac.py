@@ -28,9 +28,9 @@ from calibration.mac import (
 from calibration.position import generator_one_hot, optimise_z
 from calibration.reference import ReferenceMap, measure_reference_map, rescaled_power
 from calibration.source import calibrate_source
+from hil.bench.lab import open_lab
 from hil.commands.calibrate import REFERENCE_SAMPLE
-from hil.hybrid import reference_plan
-from hil.lab import open_lab
+from hil.conv.hybrid import reference_plan
 from sims.virtual_lab import World
 
 LAB = Path(sims.__file__).resolve().parent.parent / "lab_configs" / "virtual.yaml"
@@ -83,7 +83,7 @@ def placed_lab(bench: dict[str, Any]) -> tuple[Any, list[PlacedChain], ToneMap, 
 
 
 def digit_images(n: int) -> np.ndarray:
-    from hil.images import load_digits_images
+    from hil.conv.images import load_digits_images
 
     return load_digits_images().x_test[:n, 0].numpy().astype(float)
 
@@ -106,7 +106,7 @@ def test_ledger_books_exclusive_time_and_absorbs_reoptimisation():
 
 
 def test_patches_match_the_network():
-    from hil.conv import patches
+    from hil.conv.network import patches
 
     im = digit_images(3)
     ours = patches_2x2(im)

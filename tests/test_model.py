@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hil.config import ModelConfig
-from hil.model import DynamicalNetwork
+from hil.network.model import DynamicalNetwork
 
 
 def test_masks_zero_diagonal_and_density():

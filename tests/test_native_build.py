@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from hil import config, engine
+from hil import config
 from hil.config import ModelConfig
 from hil.errors import ConfigError
-from hil.model import DynamicalNetwork
+from hil.network import engine
+from hil.network.model import DynamicalNetwork
 from hil.runs import RunFolder
 from sims.neurons import (
     HELD_DRIVE_TYPES,
@@ -62,7 +63,8 @@ def test_the_kernel_is_a_real_file_shipped_as_package_data():
     assert "int hil_scan(int dtype, int backward, const HilScanArgs* args)" in src.read_text()
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-data"]["hil"]
-    assert any(fnmatch.fnmatch(src.name, p) for p in patterns), patterns
+    rel = src.relative_to(ROOT / "hil").as_posix()
+    assert any(fnmatch.fnmatch(rel, p) for p in patterns), (rel, patterns)
     assert not hasattr(engine, "_NATIVE_SOURCE")  # no second copy in a Python string
 
 
@@ -164,21 +166,28 @@ def test_real_compiler_errors_point_into_the_real_file(isolated_native, tmp_path
 
 # ---------------------------------------------------------------------------- run record
 def test_environment_json_records_the_engine(runs_dir, native_lib):
+    """Every job records the engine it runs; a training run's environment.json says which."""
+    from hil.api import train
+
     folder = RunFolder.create("train", runs_dir)
-    env = json.loads(folder.file("environment.json").read_text())
-    assert {"name", "native", "native_allowed"} <= set(env["engine"])
-    folder.write_config({"train": {"engine": "fast"}})
+    engine.record_engine(folder, "fast")
     rec = json.loads(folder.file("environment.json").read_text())["engine"]
     assert rec["name"] == "fast" and rec["native"] is True
     assert rec["library"] == native_lib._name and rec["compiler"]
     assert "-O3" in rec["flags"] and any(f.startswith("-DHIL_Z_CAP=") for f in rec["flags"])
     previous = engine.set_native(False)
     try:
-        folder.write_config({"train": {"engine": "reference"}})
+        engine.record_engine(folder, "reference")
     finally:
         engine.set_native(previous)
     rec = json.loads(folder.file("environment.json").read_text())["engine"]
     assert rec["name"] == "reference" and rec["native"] is False
+    assert json.loads(folder.file("environment.json").read_text())["python"]  # the rest is kept
+    run = train(config.load_config(preset="digits", overrides=["train.epochs=1",
+                                                               "model.n_hidden=8"],
+                                   seeds=[0]), runs_dir=runs_dir, progress=False)
+    rec = json.loads((run.folder / "environment.json").read_text())["engine"]
+    assert rec["name"] == "fast" and rec["native"] is True
 
 
 # ---------------------------------------------------------------------------- engine registry

@@ -8,7 +8,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from hil.config import ModelConfig
-from hil.engine import Dynamics, integrate
+from hil.network.engine import Dynamics, integrate
 from sims import neurons
 
 

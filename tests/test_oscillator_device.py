@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hil.config import ModelConfig
-from hil.model import DynamicalNetwork
+from hil.network.model import DynamicalNetwork
 from sims.oscillator_device import DeviceConfig, DeviceConfigError, OscillatorArrayDevice
 
 IDEAL = dict(cv_gamma=0.0, cv_sigma=0.0, offset_std=0.0, weight_bits=None, program_noise=0.0,

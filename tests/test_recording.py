@@ -21,7 +21,7 @@ from drivers.recording import (
     read_log,
 )
 from drivers.stages import ThorlabsKDC101
-from hil.lab import load_lab_config, open_lab
+from hil.bench.lab import load_lab_config, open_lab
 
 ROOT = Path(sims.__file__).resolve().parent.parent
 ROLES = ["rf_source", "voltmeter", "stage.x"]

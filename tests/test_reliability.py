@@ -115,7 +115,7 @@ def test_corrupt_checkpoint_is_one_line(trained, tmp_path, capsys, damage):
 
 
 def test_conv_model_loads_weights_only_and_corrupt_is_hil_error(tmp_path):
-    from hil.conv import ConvNet, load_model, save_model
+    from hil.conv.network import ConvNet, load_model, save_model
 
     save_model(tmp_path / "m.pt", ConvNet(8), {"dataset": "digits"})
     model, meta = load_model(tmp_path / "m.pt")
@@ -140,7 +140,7 @@ def test_conv_model_loads_weights_only_and_corrupt_is_hil_error(tmp_path):
 ])
 def test_redact_secrets(text, expected):
     assert runs.redact_secrets(text) == expected
-    from hil.tune import redact
+    from hil.training.tune import redact
 
     assert redact(text) == expected  # the tune module uses the same helper
 
@@ -156,7 +156,7 @@ def test_secret_never_reaches_files_or_terminal(tmp_path, monkeypatch, capsys):
         folder.write_json("tune_summary.json", {"storage": url, "note": f"opened {url}"})
         folder.append_metrics({"storage": url})
         folder.write_text("notes.md", f"study in {url}\n")
-        logging.getLogger("hil.tune").warning("cannot open %s", url)
+        logging.getLogger("hil.training.tune").warning("cannot open %s", url)
         folder.set_status("failed", f"cannot open {url}")
     err = capsys.readouterr().err
     assert "s3cret" not in err and "lab:***@" in err
@@ -199,9 +199,8 @@ def test_full_disk_keeps_the_previous_file(tmp_path, mocker):
 
 
 def test_model_pt_is_never_truncated(trained, tmp_path, mocker):
-    from hil.experiment import save_checkpoint
-    from hil.runs import load_run
-    from hil.train import TrainResult
+    from hil.training.checkpoints import load_run, save_checkpoint
+    from hil.training.train import TrainResult
 
     run = _copy_run(trained, tmp_path / "run")
     before = (run / "model.pt").read_bytes()
@@ -213,7 +212,7 @@ def test_model_pt_is_never_truncated(trained, tmp_path, mocker):
         Path(f).write_bytes(Path(f).read_bytes()[:100])
         _enospc()
 
-    mocker.patch("hil.experiment.torch.save", side_effect=half_then_full_disk)
+    mocker.patch("hil.training.checkpoints.torch.save", side_effect=half_then_full_disk)
     with pytest.raises(HilError, match="model.pt: No space left on device"):
         save_checkpoint(TrainResult(net, [], [], [], 0.0), cfg, run / "model.pt")
     assert (run / "model.pt").read_bytes() == before
@@ -221,7 +220,7 @@ def test_model_pt_is_never_truncated(trained, tmp_path, mocker):
 
 
 def test_full_disk_during_training_fails_cleanly(runs_dir, capsys, mocker):
-    mocker.patch("hil.experiment.torch.save", side_effect=_enospc)
+    mocker.patch("hil.training.checkpoints.torch.save", side_effect=_enospc)
     assert main(["train", "--task", "digits", *TINY]) == 2
     line = _one_clean_line(capsys.readouterr().err)
     assert "checkpoint.pt: No space left on device" in line  # the first file torch writes: epoch 0's
@@ -317,7 +316,7 @@ def test_status_running_then_failed_with_reason(runs_dir, capsys, mocker):
         folder.append_metrics({"epoch": 0})
         raise HilError("the chip stopped answering")
 
-    mocker.patch("hil.experiment.train_run", side_effect=fail)
+    mocker.patch("hil.jobs.train_run", side_effect=fail)
     assert main(["train", "--task", "digits", *TINY]) == 2
     folder, = _folders(runs_dir)
     assert seen["status"] == "running"
@@ -334,7 +333,7 @@ def test_status_interrupted(runs_dir, mocker):
         folder.append_metrics({"epoch": 0})
         raise KeyboardInterrupt
 
-    mocker.patch("hil.experiment.train_run", side_effect=interrupt)
+    mocker.patch("hil.jobs.train_run", side_effect=interrupt)
     assert main(["train", "--task", "digits", *TINY]) == 130
     folder, = _folders(runs_dir)
     st = runs.read_status(folder)
@@ -428,7 +427,7 @@ def test_memory_estimate_refuses_above_available(mocker):
 
 
 def test_postgresql_without_driver(runs_dir, capsys, mocker):
-    mocker.patch("hil.tune.available", return_value=False)
+    mocker.patch("hil.training.tune.available", return_value=False)
     assert main(["tune", *TINY, "--storage", "postgresql://lab:s3cret@db.example/studies"]) == 2
     out = capsys.readouterr()
     line = _one_clean_line(out.err)
@@ -444,7 +443,7 @@ def test_driver_limit_error_is_one_line(runs_dir, capsys, mocker):
         raise LimitError("power_dbm=40 dBm refused (allowed [-20, 18]); nothing was sent",
                          instrument="smb (SMB100A at TCPIP::sim)")
 
-    mocker.patch("hil.experiment.train_run", side_effect=refuse)
+    mocker.patch("hil.jobs.train_run", side_effect=refuse)
     assert main(["train", *TINY]) == 2
     line = _one_clean_line(capsys.readouterr().err)
     assert "instrument refused: smb (SMB100A at TCPIP::sim): power_dbm=40 dBm refused" in line
@@ -459,7 +458,7 @@ def test_failed_validation_after_folder_leaves_none(runs_dir, capsys, mocker):
         folder.write_config(cfg.to_dict())
         raise ConfigError("train.engine", "not on this machine", "command line")
 
-    mocker.patch("hil.experiment.train_run", side_effect=refuse)
+    mocker.patch("hil.jobs.train_run", side_effect=refuse)
     assert main(["train", *TINY]) == 2
     _one_clean_line(capsys.readouterr().err)
     assert _folders(runs_dir) == []

@@ -26,9 +26,9 @@ import torch
 from hil import runs
 from hil.cli import main
 from hil.config import HardwareConfig, ModelConfig, TaskConfig, TrainConfig
-from hil.experiment import CHECKPOINT_FILE
-from hil.tasks import SineSquare
-from hil.train import Trainer, rng_state, set_rng_state
+from hil.network.tasks import SineSquare
+from hil.training.checkpoints import CHECKPOINT_FILE
+from hil.training.train import Trainer, rng_state, set_rng_state
 
 #: 2 seeds, 4 epochs of a small digits network with hardware-aware passes (per-trial generators
 #: for the data order and for the chip's draws): about a second per run on one thread
@@ -162,7 +162,7 @@ def test_sigterm_after_an_epochs_metrics_before_its_checkpoint_resumes_exactly(
 #: that the test can SIGKILL it while it trains
 SLOW_TRAIN = """
 import sys, time
-from hil.train import Trainer
+from hil.training.train import Trainer
 from hil.cli import main
 original = Trainer._epoch_batches
 def slow(self, epoch):

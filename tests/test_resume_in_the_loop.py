@@ -15,10 +15,10 @@ import torch
 from test_resume import _interrupt_at_epoch  # Ctrl-C at the start of an epoch
 
 from hil import runs
-from hil.backends import make_backend
-from hil.chip_in_loop import ChipInTheLoopTrainer
+from hil.chip.backends import make_backend
+from hil.chip.chip_in_loop import ChipInTheLoopTrainer
 from hil.cli import main
-from hil.experiment import CHECKPOINT_FILE
+from hil.training.checkpoints import CHECKPOINT_FILE
 
 #: one seed, 3 epochs of a small network with the chip in the loop, nominal twin, a drifting,
 #: noisy, mismatched simulated chip: a few seconds per run
@@ -115,7 +115,7 @@ def test_simulated_chip_state_round_trips(tmp_path):
 def test_a_backend_that_cannot_restore_its_chip_uploads_again():
     """The base class keeps counters only: after a resume the parameters go to the chip again."""
     from hil.config import ModelConfig, TaskConfig, TrainConfig
-    from hil.tasks import SequentialDigits
+    from hil.network.tasks import SequentialDigits
 
     mc = ModelConfig(n_layers=2, n_hidden=4, tau_ns=5.0)
     task = SequentialDigits(TaskConfig())

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from hil.config import ModelConfig, TaskConfig, TrainConfig
-from hil.tasks import SineSquare
-from hil.train import Trainer, lr_at
+from hil.network.tasks import SineSquare
+from hil.training.train import Trainer, lr_at
 
 
 @pytest.fixture(scope="module")

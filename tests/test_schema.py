@@ -12,10 +12,10 @@ from typing import Literal
 import pytest
 import yaml
 
-from hil.backends import device_config
+from hil.bench.lab import parse_lab_config
+from hil.chip.backends import device_config
 from hil.config import ModelConfig, RunConfig, load_config, update
 from hil.errors import ConfigError, HilError
-from hil.lab import parse_lab_config
 from sims import schema
 from sims.oscillator_device import DeviceConfig, DeviceConfigError, OscillatorArrayDevice
 from sims.virtual_lab import WorldConfigError, load_world_config

@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from hil.backends import make_backend
+from hil.chip.backends import make_backend
+from hil.chip.study import METHODS, mismatch_study, sim_to_real_report, upload_and_evaluate
 from hil.cli import main
 from hil.config import ModelConfig, RunConfig, TaskConfig, TrainConfig
+from hil.network.tasks import SequentialDigits
 from hil.runs import RunFolder
-from hil.study import METHODS, mismatch_study, sim_to_real_report, upload_and_evaluate
-from hil.tasks import SequentialDigits
-from hil.train import Trainer
+from hil.training.train import Trainer
 
 MC = ModelConfig(n_layers=2, n_hidden=8, tau_ns=5.0, S=1.0, S_in=2.5, b_in=0.4, w_clip_dt=0.9, b_clip_dt=0.2)
 TINY = ["--seeds", "0", "--epochs", "1", "--set", "model.n_hidden=4", "--set", "model.n_layers=2",

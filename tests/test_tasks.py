@@ -6,7 +6,7 @@ import torch
 
 from hil.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, estimate_memory, validate
 from hil.errors import ConfigError
-from hil.tasks import (
+from hil.network.tasks import (
     TASKS,
     FlipFlop,
     SequentialDigits,
@@ -164,7 +164,7 @@ def test_only_the_flipflop_has_an_error_budget():
 
 
 class _Echo(Task):
-    """A tiny task defined outside hil.tasks: report the sign of the first input at the end."""
+    """A tiny task defined outside hil.network.tasks: report the sign of the first input at the end."""
 
     name = "echo_test"
     epoch_scheme = "batches"
@@ -213,7 +213,7 @@ def echo_registered():
 
 
 def test_a_registered_task_is_validated_built_and_trained_without_touching_the_trainer(echo_registered):
-    from hil.train import Trainer
+    from hil.training.train import Trainer
 
     cfg = validate(RunConfig(task=TaskConfig(name="echo_test", n_train=16, n_test=8),
                              model=ModelConfig(n_hidden=6, n_layers=1),

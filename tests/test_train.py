@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hil.config import ModelConfig, TaskConfig, TrainConfig
-from hil.tasks import SequentialDigits, SineSquare
-from hil.train import Trainer, TrialAdam, lr_at, summarize
+from hil.network.tasks import SequentialDigits, SineSquare
+from hil.training.train import Trainer, TrialAdam, lr_at, summarize
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_windows_per_epoch_validated():
 def test_exact_bptt_windows_start_from_the_series_state():
     """bptt=exact: batch_size windows per update, each started from the state the current
     network reaches at that point from rest; a seed trains alike alone or stacked."""
-    from hil.tasks import Split
+    from hil.network.tasks import Split
 
     task = SineSquare(TaskConfig(n_periods=4, window=8))  # 32 points, 25 windows
     g = torch.Generator().manual_seed(0)  # a series whose windows are all different
@@ -206,7 +206,7 @@ def test_two_neurons_learn_sine_square_with_exact_bptt():
     """The sine_square_2 recipe, shortened to 80 epochs: seeds 1 and 2 above 90 % (measured
     91.6 and 97.0 %; at the full 300 epochs the preset's median is 95.5 %)."""
     from hil.config import apply_overrides, load_config
-    from hil.tasks import make_task
+    from hil.network.tasks import make_task
 
     cfg = apply_overrides(load_config(preset="sine_square_2"), ["train.epochs=80"])
     task = make_task(cfg.task, cfg.train.output_gain)

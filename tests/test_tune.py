@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hil.cli import main
-from hil.tune import recover_stale
+from hil.training.tune import recover_stale
 
 TINY = ["--epochs", "1", "--set", "model.n_hidden=4", "--set", "model.n_layers=2",
         "--set", "train.batch_size=400", "--seeds", "0", "--no-progress"]
@@ -119,7 +119,7 @@ def test_killed_search_resumes(runs_dir):
 
 
 def test_seed_median_counts_a_diverged_seed_as_zero():
-    from hil.tune import seed_median
+    from hil.training.tune import seed_median
 
     assert seed_median([0.5, 0.9, 0.7]) == 0.7
     assert seed_median([0.5, 0.9]) == 0.7

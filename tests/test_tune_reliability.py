@@ -18,7 +18,7 @@ import pytest
 from optuna.trial import TrialState
 
 from hil.cli import main
-from hil.tune import SEARCH_SPACE, make_storage
+from hil.training.tune import SEARCH_SPACE, make_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "2", "--set", "model.n_hidden=4", "--set", "model.n_layers=2",
@@ -207,7 +207,7 @@ def test_workers_end_with_their_parent(tmp_path):
     # the workers end on SIGTERM and normally fail and requeue their trial at once; a worker
     # signalled while it writes to the database can leave its trial RUNNING (seen once under
     # load), and then the heartbeat recovers it: after the grace period none stays RUNNING
-    from hil.tune import make_storage
+    from hil.training.tune import make_storage
 
     time.sleep(3.5)
     study = optuna.load_study(study_name="hil", storage=make_storage(url, 1, 3))
@@ -223,7 +223,7 @@ def test_workers_end_with_their_parent(tmp_path):
 
 
 def test_worker_identity_and_seed(monkeypatch):
-    from hil.tune import worker_identity, worker_seed
+    from hil.training.tune import worker_identity, worker_seed
 
     for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(k, raising=False)

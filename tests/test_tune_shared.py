@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from hil.cli import main
-from hil.tune import make_storage, redact, storage_url
+from hil.training.tune import make_storage, redact, storage_url
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--set", "model.n_hidden=4", "--set", "model.n_layers=2",

@@ -4,11 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from hil.backends import BackendError, ModelBackend, make_backend
-from hil.config import ModelConfig
-from hil.errors import ConfigError
-from hil.model import DynamicalNetwork
-from hil.twin import (
+from hil.chip.backends import BackendError, ModelBackend, make_backend
+from hil.chip.twin import (
     TwinMonitor,
     TwinParameters,
     apply_twin,
@@ -18,6 +15,9 @@ from hil.twin import (
     program_and_verify,
     state_residual,
 )
+from hil.config import ModelConfig
+from hil.errors import ConfigError
+from hil.network.model import DynamicalNetwork
 
 MC = ModelConfig(n_layers=2, n_hidden=8, tau_ns=5.0, S=1.0, S_in=2.5, b_in=0.4, w_clip_dt=0.9, b_clip_dt=0.2)
 CENTRE = 0.3

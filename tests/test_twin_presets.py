@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 
 from calibration.reference import GAMMA_HZ_PER_OE, GRADIENT_OE_PER_MM, ReferenceMap, SweepPlan, kittel_hz
-from hil.backends import make_backend
+from hil.chip.backends import make_backend
+from hil.chip.twin import calibrate, calibration_errors
 from hil.config import ModelConfig, load_config
-from hil.twin import calibrate, calibration_errors
 
 CENTRE = 0.3
 # the chip without noise or programming error: what is left is mismatch and static offsets

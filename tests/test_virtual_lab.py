@@ -1,5 +1,5 @@
 """The virtual lab as a bench: configuration, one shared world and clock, instrument behaviour,
-lab time, seeds and the hidden truth. Measurements go through the drivers (``hil.lab``)."""
+lab time, seeds and the hidden truth. Measurements go through the drivers (``hil.bench.lab``)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import yaml
 import sims
 from drivers.base import InstrumentError
 from drivers.nanovoltmeter import differential_measurement
+from hil.bench.lab import Lab, check_lab, load_lab_config, open_lab, parse_lab_config
 from hil.errors import ConfigError
-from hil.lab import Lab, check_lab, load_lab_config, open_lab, parse_lab_config
 from sims.virtual_lab import VirtualVisaLibrary, World, WorldConfigError, load_world_config
 
 ROOT = Path(sims.__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ from scipy.optimize import curve_fit
 import sims
 from drivers.nanovoltmeter import differential_measurement
 from drivers.rf_switch import SwitchGate
-from hil.lab import Lab, open_lab
+from hil.bench.lab import Lab, open_lab
 from sims.virtual_lab import World
 
 ROOT = Path(sims.__file__).resolve().parent.parent

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hil.runs import atomic_write, load_run
+from hil.runs import atomic_write
+from hil.training.checkpoints import load_run
 
 __all__ = ["load_run", "register", "run"]  # load_run lives in hil.runs (run folders)
 
@@ -23,7 +24,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hil import analysis
+    from hil.network import analysis
 
     folder = Path(args.run_folder)
     cfg, task, net = load_run(folder)

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from hil.bench.lab import REFERENCE_SAMPLE, load_reference_map  # noqa: F401  (library; re-exported)
 from hil.errors import ConfigError, HilError
-from hil.lab import REFERENCE_SAMPLE, load_reference_map  # noqa: F401  (library; re-exported)
 from hil.runs import RunFolder
 from hil.runs import save_figure as _save_figure
 
@@ -45,7 +45,7 @@ def _pairs(text: str, what: str) -> dict[str, float]:
 
 def _open(lab_path: str, overrides: dict[str, Any] | None, record_to: Path | None) -> Any:
     """Open the lab (instrument exchanges logged to ``record_to``, a run folder, unless None)."""
-    from hil.lab import load_lab_config, open_lab
+    from hil.bench.lab import load_lab_config, open_lab
 
     cfg = load_lab_config(lab_path)
     world = None
@@ -90,7 +90,7 @@ SWEEP_STATE = "sweep_state.json"
 
 def _sweep_settings(args: argparse.Namespace, plan: Any) -> dict[str, Any]:
     """Every measurement setting of a reference sweep, and the lab config's identity."""
-    from hil.lab import load_lab_config
+    from hil.bench.lab import load_lab_config
 
     return {"devices": plan.devices, "stage_z_mm": plan.stage_z_mm, "freq_hz": plan.freq_hz,
             "power_dbm": plan.power_dbm, "source_port": plan.source_port, "nplc": plan.nplc,
@@ -389,7 +389,7 @@ def _sha256(path: str) -> str:
 def _position_settings(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, Any]:
     """Every setting of a position optimisation (checked on --resume): the design and map by
     content, the bench by the lab config's identity."""
-    from hil.lab import load_lab_config
+    from hil.bench.lab import load_lab_config
 
     return {"design_sha256": _sha256(args.design), "map_sha256": _sha256(args.map), "ports": ports,
             "p0_mw": args.p0_mw, "stage_ref_mm": args.stage_ref_mm, "nplc": args.nplc,

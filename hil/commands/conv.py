@@ -8,12 +8,12 @@ Trains the network of Fig. 4.1 with eq. 4.3 noise on the MAC output and writes a
 set and on the first 100 test images, as thesis 4.9), ``training.png`` and ``kernels.png``.
 
 ``deploy``: the trained kernels to chains on a bench and inference on the first test images
-(``hil.hybrid``): reference map, source calibration, Algorithm 1 designs, (virtual)
+(``hil.conv.hybrid``): reference map, source calibration, Algorithm 1 designs, (virtual)
 fabrication, placement by Algorithm 2, then the measurement plan and/or Algorithm 3 as
 written, with the report of thesis 4.9 and the lab time per image of each plan.
 
 ``report``: ``report.md`` of a deploy run folder written again from its files
-(``hil.conv_report.deploy_report``: accuracies in percent with 95 % Wilson intervals, the
+(``hil.conv.report.deploy_report``: accuracies in percent with 95 % Wilson intervals, the
 settings, the total lab time and its breakdown, clipped inputs, chain weight errors).
 """
 
@@ -69,8 +69,9 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hil.conv import confusion_matrix, evaluate, kernels_file, save_model, train_conv
-    from hil.images import load_images
+    from hil.conv.images import load_images
+    from hil.conv.network import confusion_matrix, evaluate, kernels_file, save_model
+    from hil.jobs import train_conv
 
     _check(args)
     if args.threads:
@@ -177,7 +178,8 @@ def _chain_map(text: str | None, what: str) -> dict[str, int] | None:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from hil.hybrid import DeployConfig, deploy, model_path_of
+    from hil.conv.hybrid import DeployConfig, model_path_of
+    from hil.jobs import deploy
 
     plans = [p.strip() for p in args.plans.split(",") if p.strip()]
     cfg = DeployConfig(lab=args.lab, n_images=args.images, plans=plans,
@@ -204,7 +206,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if "speedup" in results:
         print(f"measurement plan vs Algorithm 3 as written: {results['speedup']['lab_time']:.1f}x less "
               "lab time")
-    from hil.conv_report import deploy_report
+    from hil.conv.report import deploy_report
 
     deploy_report(run.path, _test_images(args.model, int(results["n_images"])))
     print(f"report: {run.file('report.md')}")
@@ -213,13 +215,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def _test_images(model: str, n: int) -> np.ndarray:
     """The first ``n`` test images (N, H, W) of the dataset the model was trained on."""
-    from hil.conv import load_model
-    from hil.hybrid import _dataset_of, model_path_of
-    from hil.images import load_images
+    from hil.conv.hybrid import dataset_of, model_path_of
+    from hil.conv.images import load_images
+    from hil.conv.network import load_model
 
     path = model_path_of(model)
     _, meta = load_model(path)
-    dataset, data_dir = _dataset_of(path, meta)
+    dataset, data_dir = dataset_of(path, meta)
     return load_images(dataset, data_dir).x_test[:n, 0].numpy()
 
 
@@ -227,7 +229,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``hil conv report RUN_FOLDER``: write a deploy run's report.md again from its files."""
     import yaml
 
-    from hil.conv_report import deploy_report
+    from hil.conv.report import deploy_report
     from hil.errors import HilError
 
     run = Path(args.run_folder)

@@ -19,18 +19,18 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hil import design_rules
-    from hil.convergence import step_error
+    from hil.network import design_rules
+    from hil.training.convergence import step_error
 
     if args.run_folder:
-        from hil.runs import load_run
+        from hil.training.checkpoints import load_run
 
         cfg, task, net = load_run(Path(args.run_folder))
         report = design_rules.check(cfg.model, net.layer_weights(0))
     else:
         cfg = resolve_config(args, default_preset="digits")
-        from hil.model import DynamicalNetwork
-        from hil.tasks import make_task
+        from hil.network.model import DynamicalNetwork
+        from hil.network.tasks import make_task
 
         task = make_task(cfg.task, cfg.train.output_gain)
         net = DynamicalNetwork([cfg.model], task.n_in, task.n_out, [cfg.seeds[0]],

@@ -41,10 +41,11 @@ def register(sub: Any) -> None:
 
 
 def run_mismatch(args: argparse.Namespace) -> int:
-    from hil.backends import parse_device_overrides
+    from hil.chip.backends import parse_device_overrides
+    from hil.chip.study import METHODS
     from hil.commands.train import set_threads
     from hil.errors import ConfigError
-    from hil.study import METHODS, mismatch_study
+    from hil.jobs import mismatch_study
 
     set_threads(args.threads)
     cfg = resolve_config(args, default_preset="digits")
@@ -103,18 +104,18 @@ def register_budget(ssub: Any) -> None:
 def run_budget(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hil.backends import parse_device_overrides
-    from hil.budget_study import budget_study
+    from hil.chip.backends import parse_device_overrides
     from hil.commands.train import set_threads
     from hil.errors import ConfigError
-    from hil.runs import load_run
+    from hil.jobs import budget_study
+    from hil.training.checkpoints import load_run
 
     set_threads(args.threads)
     cfg = resolve_config(args, default_preset="digits")
     specs = [e.strip().replace("/", ",") for e in args.estimators.split(",") if e.strip()]
     if not specs:
         raise ConfigError("--estimators", "at least one estimator is needed", "command line")
-    from hil.budget_study import check_settings
+    from hil.chip.budget_study import check_settings
 
     check_settings(specs, args.twin, args.finetune_epochs, args.curve_every, args.level)
     init_state = None

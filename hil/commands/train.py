@@ -8,16 +8,17 @@ from typing import Any
 
 import torch
 
-from hil.config import RunConfig, load_config, preset_names
+from hil.config import TASKS, RunConfig, load_config, preset_names
 from hil.runs import RunFolder
+from sims.neurons import NEURON_TYPES
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that build a network from a config."""
     p.add_argument("--config", help="YAML config file (sections model, task, train, seeds)")
     p.add_argument("--preset", help=f"named preset; one of: {', '.join(preset_names())}")
-    p.add_argument("--task", help="digits | sine_square | flipflop")
-    p.add_argument("--model", help="neuron type: spintronic | ctrnn | linear | liquid | quadratic")
+    p.add_argument("--task", help=" | ".join(TASKS))
+    p.add_argument("--model", help="neuron type: " + " | ".join(NEURON_TYPES))
     p.add_argument("--seeds", help="seeds, e.g. 0-9 or 0,3,5")
     p.add_argument("--epochs", type=int, help="number of epochs")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -75,7 +76,7 @@ def register(sub: Any) -> None:
                    help="chip-in-the-loop gradient estimator: physics (default: forward on the chip, "
                    "backward through the twin), twin:every=K (twin-only steps, a chip step every K "
                    "batches re-identifying the twin), spsa:c=C,n=N (model-free, N perturbation pairs "
-                   "of size C per step); see hil.estimators")
+                   "of size C per step); see hil.chip.estimators")
     p.add_argument("--device-budget", type=float, default=None, metavar="SECONDS",
                    help="chip-in-the-loop: stop each chip after this much training device time "
                    "(calibration, uploads and runs) and keep its best weights so far")
@@ -94,7 +95,7 @@ def register(sub: Any) -> None:
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
     """``--backend`` and ``--device`` (shared by train, upload and study)."""
-    from hil.backends import BACKENDS, LAB_PREFIX
+    from hil.chip.backends import BACKENDS, LAB_PREFIX
 
     def backend_name(value: str) -> str:
         if value in BACKENDS or (value.startswith(LAB_PREFIX) and len(value) > len(LAB_PREFIX)):
@@ -121,7 +122,7 @@ def _gives_settings(args: argparse.Namespace) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from hil.errors import ConfigError
-    from hil.experiment import check_resume, train_run
+    from hil.jobs import check_resume, train_run
 
     set_threads(args.threads)
     resume = getattr(args, "resume", None)
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         folder = RunFolder.create("train", args.runs_dir, args.name or cfg.task.name)
         print(f"run folder: {folder}", file=sys.stderr)
-        from hil import design_rules
+        from hil.network import design_rules
 
         for w in design_rules.check(cfg.model)["warnings"]:
             print(f"warning (before training): {w}", file=sys.stderr)
@@ -210,8 +211,9 @@ def _every_seed_failed(args: argparse.Namespace, failed: Any) -> int:
 def _run_in_the_loop(args: argparse.Namespace, cfg: RunConfig) -> int:
     from pathlib import Path
 
-    from hil.chip_in_loop import check_loop_settings, train_in_the_loop_run
-    from hil.runs import load_run
+    from hil.chip.chip_in_loop import check_loop_settings
+    from hil.jobs import train_in_the_loop_run
+    from hil.training.checkpoints import load_run
 
     if args.init:  # a missing, corrupt or unsafe checkpoint stops here, before any folder or chip
         p = Path(args.init)
@@ -232,8 +234,9 @@ def _resume_in_the_loop(args: argparse.Namespace, cfg: RunConfig, ckpt: dict[str
     command line may repeat but not change."""
     from pathlib import Path
 
-    from hil.chip_in_loop import LOOP_SETTINGS, train_in_the_loop_run
+    from hil.chip.chip_in_loop import LOOP_SETTINGS
     from hil.errors import ConfigError
+    from hil.jobs import train_in_the_loop_run
 
     stored = ckpt.get("loop")
     if not isinstance(stored, dict) or set(stored) != set(LOOP_SETTINGS):
@@ -263,7 +266,7 @@ def _resume_in_the_loop(args: argparse.Namespace, cfg: RunConfig, ckpt: dict[str
 
 
 def _loop_done(args: argparse.Namespace, summary: dict[str, Any], folder: RunFolder) -> int:
-    from hil.chip_in_loop import print_summary
+    from hil.chip.chip_in_loop import print_summary
 
     s = summary.get("test_on_device", {})
     if not s.get("n", 0):
@@ -276,7 +279,7 @@ def _loop_done(args: argparse.Namespace, summary: dict[str, Any], folder: RunFol
 
 def _upload_after_training(cfg: RunConfig, folder: RunFolder, backend: str, device: list[str]) -> None:
     """Upload the off-chip result to one chip per seed, evaluate, write the sim-to-real report."""
-    from hil.study import upload_run
+    from hil.jobs import upload_run
 
     sub = RunFolder(folder.path / "upload")
     summary = upload_run(folder.path, backend, sub, device)

@@ -50,10 +50,10 @@ def register(sub: Any) -> None:
     p.add_argument("--sampler-seed", type=int, default=0,
                    help="mixed with each worker's identity (host, pid, the scheduler's job and "
                    "task ids), so no two workers draw the same trials; recorded per trial")
-    p.add_argument("--heartbeat", type=int, default=10,  # hil.tune.HEARTBEAT_S
+    p.add_argument("--heartbeat", type=int, default=10,  # hil.training.tune.HEARTBEAT_S
                    metavar="SECONDS", help="seconds between the heartbeats a worker records for "
                    "its running trials in a database storage (default %(default)s)")
-    p.add_argument("--grace-period", type=int, default=60,  # hil.tune.GRACE_S
+    p.add_argument("--grace-period", type=int, default=60,  # hil.training.tune.GRACE_S
                    metavar="SECONDS", help="a trial without a heartbeat for this long (its worker "
                    "was killed, on any machine) is failed and queued again, once (default "
                    "%(default)s)")
@@ -61,12 +61,14 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hil import tune
+    from hil.jobs import run_search
+    from hil.training import tune
 
     if args.report:
         return _report(args)
     from hil.commands.train import set_threads
     from hil.config import check_memory
+    from hil.network.engine import record_engine
 
     set_threads(args.threads)
     cfg = resolve_config(args, default_preset="digits")
@@ -87,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         folder = RunFolder.create("tune", args.runs_dir, args.name or cfg.task.name)
         folder.write_config(cfg.to_dict())
+        record_engine(folder, cfg.train.engine)
         folder.write_json("search_space.json", {k: repr(v) for k, v in space.items()})
     print(f"run folder: {folder}", file=sys.stderr)
-    report = tune.run_search(
+    report = run_search(
         cfg, folder.path, storage=args.storage, study_name=args.study_name,
         n_trials=args.n_trials, batch=args.batch, workers=args.workers, objective=args.objective,
         space=space, seeds_per_trial=args.seeds_per_trial, prune_warmup=args.prune_warmup,
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     """``--report STUDY``: the report of a (shared) study, nothing trained."""
-    from hil import tune
+    from hil.training import tune
 
     if args.resume:
         folder = RunFolder(Path(args.resume))

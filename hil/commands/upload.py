@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from hil.commands.train import set_threads
     from hil.errors import ConfigError
-    from hil.study import upload_run
+    from hil.jobs import upload_run
 
     set_threads(args.threads)
     if args.tol <= 0:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--max-iters", f"must be >= 0, got {args.max_iters}", "command line")
     if args.budget_repeats < 1:
         raise ConfigError("--budget-repeats", f"must be >= 1, got {args.budget_repeats}", "command line")
-    from hil.runs import load_run
+    from hil.training.checkpoints import load_run
 
     load_run(Path(args.run_folder))  # a bad run folder stops here, before any chip is opened
     folder = RunFolder.create("upload", args.runs_dir, args.name or args.backend)
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                   f"max residual per iteration {[round(x, 4) for x in v['max_abs_residual']]}, "
                   f"device {m} {100 * v['device_after_verify']:.2f} %")
     if "gap_budget" in s:
-        from hil.gap_budget import format_budget
+        from hil.chip.gap_budget import format_budget
 
         print(format_budget(s["gap_budget"]))
     print(f"run folder: {folder}")

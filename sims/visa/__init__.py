@@ -15,7 +15,7 @@ its error queue ``e: range_error`` (``RANGE_ERROR``), and ``RangeErrorSimLibrary
 ``range_error`` entry is queued (``Device.error_response``) and nothing is answered. It only
 uses pyvisa-sim's public API: the library's ``open()``, its ``sessions``, a session's
 ``device`` and the device's ``write``/``read``/``error_response``. Open the files with
-``visa_library(path)`` (``hil.lab`` and the tests do); opened as a plain ``"<file>@sim"``
+``visa_library(path)`` (``hil.bench.lab`` and the tests do); opened as a plain ``"<file>@sim"``
 string backend, a value out of range answers the text ``range_error``, which is not an
 instrument reply.
 

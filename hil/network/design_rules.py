@@ -6,7 +6,7 @@
 * explicit Euler (``model.integrator: euler``) stays stable while the largest drive times the
   step is small (about ``|I| h < 2``): raise ``model.substeps`` otherwise. The exponential
   Heun scheme solves each neuron's equation in closed form and is stable at any step; how far
-  either is from a converged solution is measured by :func:`hil.convergence.step_error`
+  either is from a converged solution is measured by :func:`hil.training.convergence.step_error`
   (``hil design`` reports it).
 """
 

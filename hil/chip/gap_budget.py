@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from hil.backends import SimulatedDeviceBackend, device_config
-from hil.model import DynamicalNetwork
+from hil.chip.backends import SimulatedDeviceBackend, device_config
+from hil.network.model import DynamicalNetwork
+from hil.network.tasks import Task
 from hil.plots import plt
 from hil.runs import RunFolder
-from hil.tasks import Task
 
 #: the chip settings each factor switches on (their "off" values are in PERFECT)
 FACTORS: dict[str, tuple[str, ...]] = {
@@ -48,7 +48,7 @@ def _measure(net: DynamicalNetwork, k: int, task: Task, overrides: dict[str, Any
              repeats: int, split: str) -> tuple[float, float, int]:
     """Mean metric and its standard error over ``repeats`` uploads-and-runs (one when the chip
     has no noise: the figure is then exact)."""
-    from hil.study import evaluate_on_backend
+    from hil.chip.study import evaluate_on_backend
 
     cfg = device_config(net.configs[k], net.n_in, float(net.input_centre), overrides)
     noisy = any(getattr(cfg, key) not in (0, 0.0, None) for key in STOCHASTIC) and (
@@ -68,7 +68,7 @@ def gap_budget(net: DynamicalNetwork, task: Task, device: dict[str, Any] | None 
     """The budget of every trial of ``net`` (or of ``trials``) on chips drawn with its seed.
     ``device``: the configured chip's settings (overrides of the defaults), whose values the
     factors take."""
-    from hil.study import evaluate_model
+    from hil.chip.study import evaluate_model
 
     if repeats < 1:
         raise ValueError("repeats must be >= 1")

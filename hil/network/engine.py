@@ -66,6 +66,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -83,6 +84,9 @@ from sims.neurons import (
     drive_gain_derivative,
     held_drive_step,
 )
+
+if TYPE_CHECKING:
+    from hil.runs import RunFolder
 
 #: Integration schemes of a sub-step. ``euler``: explicit Euler of the whole network (first
 #: order, stable only while drive x step < ~2). ``expheun``: exponential Heun (second order,
@@ -411,7 +415,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     mine = [getattr(HilScanArgs, name).offset for name, _ in HilScanArgs._fields_]
     if size.value != ctypes.sizeof(HilScanArgs) or list(offsets[:n]) != mine:
         raise RuntimeError(f"the native library's HilScanArgs ({n} fields, {size.value} bytes) "
-                           f"does not match hil.engine.HilScanArgs ({len(mine)} fields, "
+                           f"does not match hil.network.engine.HilScanArgs ({len(mine)} fields, "
                            f"{ctypes.sizeof(HilScanArgs)} bytes)")
 
 
@@ -451,6 +455,13 @@ def native_record(engine: str | None = None) -> dict[str, object]:
                               "native_allowed": allowed, "built": bool(_native_lib)}
     rec.update(_native_info)
     return rec
+
+
+def record_engine(folder: RunFolder, engine: str) -> None:
+    """Write :func:`native_record` for ``engine`` into the run folder's ``environment.json``;
+    every job that runs the model calls it once its
+    config is known."""
+    folder.update_environment(engine=native_record(engine))
 
 
 def set_native(enabled: bool) -> bool:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from hil.config import EXPHEUN_KINDS
-from hil.model import DynamicalNetwork
-from hil.tasks import Task
+from hil.network.model import DynamicalNetwork
+from hil.network.tasks import Task
 
 REFERENCE_SCHEME = "expheun"  # second order, stable at any drive; Euler for the clipped neurons
 #: the metric may move by less than this (points) between the last two step halvings
@@ -47,7 +47,7 @@ def reference_scheme(net: DynamicalNetwork) -> str:
 
 
 def _metric(net: DynamicalNetwork, task: Task, split: str) -> list[float]:
-    from hil.train import evaluate
+    from hil.training.train import evaluate
 
     return [float(v) for v in evaluate(net, task, split)["metric"]]
 

@@ -12,7 +12,7 @@ evaluated where the chip actually was at every input point. When a backend measu
 outputs, the backward falls back to the classic form: the twin's own trajectory at the same
 parameters and inputs, with the output gradient taken at the measured outputs.
 
-:class:`ChipInTheLoop` wraps the twin so that the ordinary :class:`~hil.train.Trainer` trains it
+:class:`ChipInTheLoop` wraps the twin so that the ordinary :class:`~hil.training.train.Trainer` trains it
 unchanged (rollback, per-trial learning rates, per-epoch evaluation, now measured on the chip);
 :class:`ChipInTheLoopTrainer` does the wrapping. :func:`train_in_the_loop_run` is the job behind
 ``hil train --backend NAME --in-the-loop``.
@@ -29,15 +29,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from hil.backends import Backend, Measurement, layers_from_tensors, make_backend
+from hil.chip.backends import Backend, Measurement, layers_from_tensors, make_backend
+from hil.chip.estimators import Estimator, PhysicsAware, make_estimator
+from hil.chip.twin import TwinMonitor, TwinParameters, apply_twin, calibrate
 from hil.config import ModelConfig, RunConfig, TrainConfig
 from hil.errors import ConfigError
-from hil.estimators import Estimator, PhysicsAware, make_estimator
-from hil.model import DynamicalNetwork, State
+from hil.network.engine import record_engine
+from hil.network.model import DynamicalNetwork, State
+from hil.network.tasks import Task
 from hil.runs import RunFolder
-from hil.tasks import Task
-from hil.train import Trainer, TrainResult
-from hil.twin import TwinMonitor, TwinParameters, apply_twin, calibrate
+from hil.training.train import Trainer, TrainResult
 from sims.neurons import CLIPPED_TYPES
 
 #: Neuron types whose state is a normalised power in [0, 1].
@@ -263,7 +264,7 @@ class ChipInTheLoop(nn.Module):
     # ---------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
         """Counters, what is on each chip, the estimator's and the monitor's state and each
-        backend's (:meth:`hil.backends.Backend.state`): tensors and plain data."""
+        backend's (:meth:`hil.chip.backends.Backend.state`): tensors and plain data."""
         return {"steps": self.steps, "backward_calls": self.backward_calls,
                 "nonfinite_backward": self.nonfinite_backward, "chip_steps": self.chip_steps,
                 "twin_steps": self.twin_steps, "test_time_s": list(self.test_time_s),
@@ -326,11 +327,11 @@ def _prepare(net: DynamicalNetwork, init: dict[str, torch.Tensor] | None,
 
 
 class ChipInTheLoopTrainer(Trainer):
-    """:class:`~hil.train.Trainer` with the forward pass on ``backends`` (one per trial).
+    """:class:`~hil.training.train.Trainer` with the forward pass on ``backends`` (one per trial).
 
     ``init``: a DynamicalNetwork state dict (e.g. off-chip trained weights) to start from;
     ``twins``: per-trial twin physics for the backward pass (default: the nominal model);
-    ``estimator``: how the chip's parameters get their gradient (:mod:`hil.estimators`).
+    ``estimator``: how the chip's parameters get their gradient (:mod:`hil.chip.estimators`).
 
     Device time is a budget (issue 22): ``device_budget_s`` stops each trial once its chip has
     spent that much on training (calibration, uploads, relaxation and runs; measuring the test
@@ -505,13 +506,19 @@ def train_in_the_loop_run(cfg: RunConfig, folder: RunFolder, backend: str,
     Every epoch ends with ``checkpoint.pt`` (the trainer, the twin, the estimator and each chip's
     state as far as the backend can give it: the simulated chip entirely, so that a resumed run
     on it ends with the same weights as an uninterrupted one). ``resume``: such a checkpoint
-    (from :func:`hil.experiment.check_resume`); the run goes on in its own folder with its own
+    (from :func:`hil.training.checkpoints.check_resume`); the run goes on in its own folder with its own
     settings, without calibrating again (the twin is in the checkpoint)."""
-    from hil.experiment import CHECKPOINT_FILE, CHECKPOINT_FORMAT, plain, resume_trainer, save_checkpoint
-    from hil.runs import load_run
-    from hil.study import sim_to_real_report
-    from hil.tasks import make_task
-    from hil.train import summarize
+    from hil.chip.study import sim_to_real_report
+    from hil.network.tasks import make_task
+    from hil.training.checkpoints import (
+        CHECKPOINT_FILE,
+        CHECKPOINT_FORMAT,
+        load_run,
+        plain,
+        resume_trainer,
+        save_checkpoint,
+    )
+    from hil.training.train import summarize
 
     if twin not in ("nominal", "calibrated"):
         raise ConfigError("--twin", f"unknown twin {twin!r}; allowed: nominal, calibrated")
@@ -522,6 +529,7 @@ def train_in_the_loop_run(cfg: RunConfig, folder: RunFolder, backend: str,
     torch.manual_seed(cfg.seeds[0])
     if resume is None:
         folder.write_config(cfg.to_dict())
+        record_engine(folder, cfg.train.engine)
         folder.write_json("loop_settings.json", settings)
     task = make_task(cfg.task, cfg.train.output_gain)
     K = len(cfg.seeds)

@@ -45,9 +45,9 @@ from optuna.trial import TrialState
 from hil.config import RunConfig, update, validate
 from hil.errors import ConfigError, HilError
 from hil.extras import MissingExtra, available, require
+from hil.network.tasks import make_task
 from hil.runs import atomic_path, atomic_write, pid_alive, save_figure
-from hil.tasks import make_task
-from hil.train import Trainer
+from hil.training.train import Trainer
 
 #: The paper's search space (thesis 6.7.3): tau, lr0, lr decay, densities, S, S_in, b_in.
 SEARCH_SPACE: dict[str, FloatDistribution] = {
@@ -667,7 +667,7 @@ def _stderr(message: str) -> None:
 
 
 def _worker_entry(kwargs: dict[str, Any], parent: int) -> None:
-    from hil.cli import install_termination_handlers
+    from hil.termination import install_termination_handlers
 
     install_termination_handlers()  # SIGTERM unwinds: the worker queues its trials again
     _die_with_parent(parent)

@@ -11,7 +11,7 @@ epoch's end; those measurements are reporting and are not counted as device time
 ``offchip`` is the limit of twin steps with no chip step at all: the calibrated twin fine-tuned
 off-chip and uploaded once (device time: calibration and one upload); ``offchip+readout`` the
 same, then the training split measured once on the chip and the host-side readout refitted to
-those measurements (:func:`hil.study.refit_readout_on_chip`). Any estimator's spec with ``+readout``
+those measurements (:func:`hil.chip.study.refit_readout_on_chip`). Any estimator's spec with ``+readout``
 (``twin:every=3+readout``) gets the same refit after its fine-tuning.
 
 The table gives per estimator the final accuracy (median and quartiles over seeds), the device
@@ -30,15 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from hil.backends import make_backend
+from hil.chip.backends import make_backend
+from hil.chip.estimators import make_estimator
+from hil.chip.study import evaluate_model, evaluate_on_backend, refit_readout_on_chip
+from hil.chip.twin import calibrate
 from hil.config import RunConfig
 from hil.errors import ConfigError
-from hil.estimators import make_estimator
+from hil.network.engine import record_engine
+from hil.network.tasks import make_task
 from hil.runs import RunFolder
-from hil.study import evaluate_model, evaluate_on_backend, refit_readout_on_chip
-from hil.tasks import make_task
-from hil.train import Trainer, clone_cfg, lr_at, summarize
-from hil.twin import calibrate
+from hil.training.train import Trainer, clone_cfg, lr_at, summarize
 
 OFFCHIP = "offchip"
 #: the calibrated twin fine-tuned off-chip, uploaded once, the training split measured once on
@@ -48,7 +49,7 @@ METHODS = (OFFCHIP, OFFCHIP_READOUT)
 
 
 #: an estimator's spec with this suffix: after fine-tuning, the readout is refitted to one pass of
-#: the training split on each chip (:func:`hil.study.refit_readout_on_chip`)
+#: the training split on each chip (:func:`hil.chip.study.refit_readout_on_chip`)
 READOUT_SUFFIX = "+readout"
 
 
@@ -100,7 +101,7 @@ def budget_study(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the study (module docstring); write ``budget_study.json``, ``.csv``, ``.md``, ``.png``."""
-    from hil.chip_in_loop import ChipInTheLoopTrainer, TwinTrainer, load_parameters
+    from hil.chip.chip_in_loop import ChipInTheLoopTrainer, TwinTrainer, load_parameters
 
     check_settings(estimators, twin, finetune_epochs, curve_every, level)
     device = dict(device or {})
@@ -109,6 +110,7 @@ def budget_study(
             raise ConfigError(f"device.{key}", "is set by the study's --level")
     chip = {**device, "cv_gamma": level, "cv_sigma": level}
     folder.write_config(cfg.to_dict())
+    record_engine(folder, cfg.train.engine)
     t_start = time.perf_counter()
     task = make_task(cfg.task, cfg.train.output_gain)
     metric = task.metric_name
@@ -122,7 +124,7 @@ def budget_study(
     else:
         ideal.fit()
     net = ideal.net
-    from hil.experiment import checkpoint_data
+    from hil.training.checkpoints import checkpoint_data
 
     # the ideal weights as a run folder's model.pt: another study can start from them (--init)
     folder.save_torch("model.pt", checkpoint_data(net, cfg))

@@ -74,8 +74,10 @@ from calibration.mac import (
 from calibration.position import Optimisation, generator_one_hot, optimise_z
 from calibration.reference import ReferenceMap, SweepPlan, measure_reference_map, rescaled_power
 from calibration.source import SourceCalibration, calibrate_source
-from hil.conv import ConvNet, confusion_matrix, evaluate, load_model
-from hil.conv_report import (
+from hil.bench.lab import REFERENCE_SAMPLE, Lab, LabConfig, load_lab_config, load_reference_map, open_lab
+from hil.conv.images import ImageSplit, load_images
+from hil.conv.network import ConvNet, confusion_matrix, evaluate, load_model
+from hil.conv.report import (
     mac_error_stats,
     plot_confusions,
     plot_convolved,
@@ -84,8 +86,6 @@ from hil.conv_report import (
     write_report_markdown,
 )
 from hil.errors import ConfigError, HilError
-from hil.images import ImageSplit, load_images
-from hil.lab import REFERENCE_SAMPLE, Lab, LabConfig, load_lab_config, load_reference_map, open_lab
 from hil.plots import plt  # matplotlib itself is imported only when a figure is drawn
 from hil.runs import RunFolder
 from hil.runs import save_figure as _save_figure
@@ -156,7 +156,9 @@ def model_path_of(model: str | Path) -> Path:
     return p
 
 
-def _dataset_of(model_path: Path, meta: dict[str, Any]) -> tuple[str, str | None]:
+def dataset_of(model_path: Path, meta: dict[str, Any]) -> tuple[str, str | None]:
+    """The dataset a trained conv model was trained on, and its data folder (None: the shipped
+    one): from the model's metadata, else from the config.yaml beside it."""
     name = meta.get("dataset")
     data_dir = meta.get("data_dir")
     cfg = model_path.parent / "config.yaml"
@@ -217,7 +219,7 @@ def load_network(model: str | Path, n_images: int) -> TrainedNetwork:
     except Exception as exc:  # a truncated or foreign file: say which, no traceback
         raise HilError(f"{model_path}: not a model of hil conv train ({exc})") from exc
     net.eval()
-    dataset, data_dir = _dataset_of(model_path, meta)
+    dataset, data_dir = dataset_of(model_path, meta)
     split = load_images(dataset, data_dir)
     n = min(n_images, len(split.x_test))
     kernels_json = model_path.parent / "kernels.json"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,7 +292,7 @@ class ModelBackend(Backend):
     name = "model"
 
     def __init__(self, model: ModelConfig, n_in: int, input_centre: float, seed: int = 0) -> None:
-        from hil.model import DynamicalNetwork
+        from hil.network.model import DynamicalNetwork
 
         self.model_cfg = model
         self.seed = int(seed)
@@ -324,7 +324,7 @@ class ModelBackend(Backend):
 
     @torch.no_grad()
     def _run(self, inputs: np.ndarray) -> Measurement:
-        from hil.model import State
+        from hil.network.model import State
 
         net = self.net
         u = torch.as_tensor(inputs, dtype=torch.float32)
@@ -358,7 +358,7 @@ class InstrumentChipBackend(Backend):
     configured here with ``config`` and ``seed`` (so it draws the same chip as the ``sim``
     backend; values travel as float32).
 
-    The chip is opened through a :class:`hil.lab.Lab` like every other instrument (``self.lab``):
+    The chip is opened through a :class:`hil.bench.lab.Lab` like every other instrument (``self.lab``):
     the bench lock, the lab clock (the virtual world's on the virtual bench), and with
     ``record_to`` (a run folder or a ``.jsonl`` file, as for ``open_lab``) every exchange is
     recorded; closing the backend closes the lab, which makes the chip safe."""
@@ -367,7 +367,7 @@ class InstrumentChipBackend(Backend):
 
     def __init__(self, lab_config: str | Path, config: DeviceConfig, seed: int, *,
                  record_to: str | Path | None = None) -> None:
-        from hil.lab import package_root
+        from hil.bench.lab import package_root
 
         path = Path(lab_config)
         if not path.exists() and not path.is_absolute() and (package_root() / path).exists():
@@ -394,7 +394,7 @@ class InstrumentChipBackend(Backend):
         the one the chip lives in (None on a real bench)."""
         from drivers.base import DriverError
         from drivers.oscillator_chip import OscillatorChipController
-        from hil.lab import InstrumentConfig, LabError, load_lab_config, open_lab
+        from hil.bench.lab import InstrumentConfig, LabError, load_lab_config, open_lab
 
         cfg = load_lab_config(path)
         world: Any = None
@@ -427,7 +427,7 @@ class InstrumentChipBackend(Backend):
     def _close_lab(self, exc: BaseException | None = None) -> None:
         """Close the lab (the chip made safe, the exchange log closed); a failure becomes a
         ``BackendError``, or a note on ``exc`` when closing after another error."""
-        from hil.lab import LabError
+        from hil.bench.lab import LabError
 
         try:
             self.lab.close()
@@ -476,23 +476,42 @@ class InstrumentChipBackend(Backend):
             self._close_lab()
 
 
-BACKENDS = {"sim": SimulatedDeviceBackend, "model": ModelBackend}
+def _sim(arg: str | None, model: ModelConfig, n_in: int, input_centre: float, seed: int,
+         device: Mapping[str, Any] | Sequence[str] | None) -> Backend:
+    return SimulatedDeviceBackend(device_config(model, n_in, input_centre, device), seed)
+
+
+def _model(arg: str | None, model: ModelConfig, n_in: int, input_centre: float, seed: int,
+           device: Mapping[str, Any] | Sequence[str] | None) -> Backend:
+    if device:
+        raise ConfigError("--device", "the model backend has no device settings")
+    return ModelBackend(model, n_in, input_centre, seed)
+
+
+def _lab(arg: str | None, model: ModelConfig, n_in: int, input_centre: float, seed: int,
+         device: Mapping[str, Any] | Sequence[str] | None) -> Backend:
+    return InstrumentChipBackend(str(arg), device_config(model, n_in, input_centre, device), seed)
+
+
+BackendFactory = Callable[[str | None, ModelConfig, int, float, int,
+                           Mapping[str, Any] | Sequence[str] | None], Backend]
+#: backend name -> how to build it ``(argument, model, n_in, input_centre, seed, device)``
+BACKENDS: dict[str, BackendFactory] = {"sim": _sim, "model": _model}
+#: backends that take an argument, written ``NAME:ARG``: ``lab:<lab config>``
+PARAMETRISED_BACKENDS: dict[str, BackendFactory] = {LAB_PREFIX.rstrip(":"): _lab}
 
 
 def make_backend(name: str, model: ModelConfig, n_in: int, input_centre: float, seed: int,
                  device: Mapping[str, Any] | Sequence[str] | None = None) -> Backend:
-    """Build backend ``name`` for a model config; ``seed`` draws the simulated chip."""
-    if name == "sim":
-        return SimulatedDeviceBackend(device_config(model, n_in, input_centre, device), seed)
-    if name.startswith(LAB_PREFIX) and name != LAB_PREFIX:
-        return InstrumentChipBackend(name[len(LAB_PREFIX):], device_config(model, n_in, input_centre, device),
-                                     seed)
-    if name == "model":
-        if device:
-            raise ConfigError("--device", "the model backend has no device settings")
-        return ModelBackend(model, n_in, input_centre, seed)
-    raise ConfigError("--backend", f"unknown backend {name!r}; allowed: {', '.join(BACKENDS)}, "
-                      f"{LAB_PREFIX}<lab config>")
+    """Build backend ``name`` (a key of :data:`BACKENDS`, or ``NAME:ARG`` for one of
+    :data:`PARAMETRISED_BACKENDS`) for a model config; ``seed`` draws the simulated chip."""
+    head, sep, arg = name.partition(":")
+    if sep and arg and head in PARAMETRISED_BACKENDS:
+        return PARAMETRISED_BACKENDS[head](arg, model, n_in, input_centre, seed, device)
+    if not sep and name in BACKENDS:
+        return BACKENDS[name](None, model, n_in, input_centre, seed, device)
+    allowed = [*BACKENDS, *(f"{k}:<lab config>" for k in PARAMETRISED_BACKENDS)]
+    raise ConfigError("--backend", f"unknown backend {name!r}; allowed: {', '.join(allowed)}")
 
 
 def layers_from_tensors(W_in: torch.Tensor, W_rec: torch.Tensor, bias: torch.Tensor, n_layers: int,

@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hil.backends import Backend, BackendError
+from hil.chip.backends import Backend, BackendError
 from hil.config import ModelConfig
 from hil.errors import ConfigError
-from hil.model import DynamicalNetwork, State
+from hil.network.model import DynamicalNetwork, State
 from sims.neurons import rest_state
 
 DEFAULT_LEVELS = (-1.0, 0.0, 1.0)  # bias probe levels, fractions of b_max (on any symmetric grid)

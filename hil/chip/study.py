@@ -21,15 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from hil.backends import Backend, make_backend
+from hil.chip.backends import Backend, make_backend
+from hil.chip.twin import apply_twin, calibrate, calibration_errors, program_and_verify, single_trial
 from hil.config import RunConfig
 from hil.errors import ConfigError
-from hil.model import DynamicalNetwork
+from hil.network.engine import record_engine
+from hil.network.model import DynamicalNetwork
+from hil.network.tasks import Task, make_task
 from hil.plots import plt
 from hil.runs import RunFolder
-from hil.tasks import Task, make_task
-from hil.train import EVAL_CHUNK, Trainer, clone_cfg, lr_at, summarize
-from hil.twin import apply_twin, calibrate, calibration_errors, program_and_verify, single_trial
+from hil.training.train import EVAL_CHUNK, Trainer, clone_cfg, lr_at, summarize
 
 METHODS = ("ideal", "nominal_upload", "calibrated_offchip", "chip_in_loop", "chip_in_loop_calibrated")
 METHOD_LABELS = {"ideal": "ideal model", "nominal_upload": "nominal weights uploaded",
@@ -242,12 +243,13 @@ def upload_run(source: Path, backend: str, folder: RunFolder,
     """Load a trained run, upload every seed to its own chip (drawn with that seed), evaluate
     on the chip, report the gap and write the sim-to-real report. With ``verify``, program and
     verify each upload first (against the calibrated twin when ``calibrated_twin``). On the
-    simulated chip, ``budget_repeats > 0`` adds the gap budget (:mod:`hil.gap_budget`)."""
-    from hil.runs import load_run
+    simulated chip, ``budget_repeats > 0`` adds the gap budget (:mod:`hil.chip.gap_budget`)."""
+    from hil.training.checkpoints import load_run
 
     src = source if source.is_dir() else source.parent
     cfg, task, net = load_run(src)
     folder.write_config(cfg.to_dict())
+    record_engine(folder, cfg.train.engine)
     folder.write_json("source.json", {"run_folder": str(src)})
     backends = [make_backend(backend, cfg.model, task.n_in, task.input_centre, s, device) for s in net.seeds]
     try:
@@ -285,8 +287,8 @@ def upload_run(source: Path, backend: str, folder: RunFolder,
         report = sim_to_real_report(net, task, backends, folder, upload=False)
         summary["sim_to_real"] = report["summary"]
         if backend == "sim" and budget_repeats > 0:
-            from hil.backends import parse_device_overrides
-            from hil.gap_budget import gap_budget, write_budget
+            from hil.chip.backends import parse_device_overrides
+            from hil.chip.gap_budget import gap_budget, write_budget
 
             budget = gap_budget(net, task, parse_device_overrides(device), repeats=budget_repeats)
             write_budget(budget, folder)
@@ -321,7 +323,7 @@ def mismatch_study(cfg: RunConfig, levels: Sequence[float], folder: RunFolder, f
     as they are; the twin calibrated and the network fine-tuned off-chip on it for
     ``finetune_epochs`` and uploaded; chip-in-the-loop fine-tuning for ``finetune_epochs`` with
     the nominal twin, and with the calibrated twin, in the backward pass. ``calibration``:
-    keyword arguments of :func:`hil.twin.calibrate`; its errors against the simulated chips'
+    keyword arguments of :func:`hil.chip.twin.calibrate`; its errors against the simulated chips'
     true values go to ``calibration.jsonl``. Fine-tuning starts from
     the ideal weights: off-chip with learning rate ``finetune_lr`` (default: half of
     ``train.lr0``), in the loop with ``loop_lr`` (default: a third of the training schedule's
@@ -330,11 +332,11 @@ def mismatch_study(cfg: RunConfig, levels: Sequence[float], folder: RunFolder, f
     ``lr0 / 2`` = 0.0088 lost 2.2 points at 0 % mismatch and ended 9 points below off-chip
     fine-tuning at 20 %; at 0.002 it lost 0.6 and ended 1.8 below.
     With ``budget_repeats > 0`` every level also gets the gap budget of the uploaded ideal
-    weights (:mod:`hil.gap_budget`: integrator, quantisation, noise, offsets, mismatch, ...;
+    weights (:mod:`hil.chip.gap_budget`: integrator, quantisation, noise, offsets, mismatch, ...;
     ``gap_budget_cvNN.*``), so the table says where each method breaks down and why.
     Results are appended to ``metrics.jsonl`` as they come; ``mismatch_study.json``, ``.csv``,
     ``.md`` and ``.png`` hold the table and plot."""
-    from hil.chip_in_loop import ChipInTheLoopTrainer, TwinTrainer
+    from hil.chip.chip_in_loop import ChipInTheLoopTrainer, TwinTrainer
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -352,6 +354,7 @@ def mismatch_study(cfg: RunConfig, levels: Sequence[float], folder: RunFolder, f
         if key in device:
             raise ConfigError(f"device.{key}", "is set by the study's --levels")
     folder.write_config(cfg.to_dict())
+    record_engine(folder, cfg.train.engine)
     t_start = time.perf_counter()
     task = make_task(cfg.task, cfg.train.output_gain)
     K = len(cfg.seeds)
@@ -388,7 +391,7 @@ def mismatch_study(cfg: RunConfig, levels: Sequence[float], folder: RunFolder, f
                 for k, row in enumerate(upload_and_evaluate(net, task, backends)):
                     record(lv, "nominal_upload", k, row["device"])
             if budget_repeats > 0:
-                from hil.gap_budget import gap_budget, write_budget
+                from hil.chip.gap_budget import gap_budget, write_budget
 
                 budget = gap_budget(net, task, {**device, "cv_gamma": lv, "cv_sigma": lv},
                                     repeats=budget_repeats)

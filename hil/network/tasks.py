@@ -247,7 +247,7 @@ class FlipFlop(FlipFlopSpec, Task):
         return ((out - y).abs() <= 0.2).float().mean(dim=(1, 2, 3))
 
     def error_budget(self, out: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict[str, Any] | None:
-        from hil.analysis import flipflop_error_budget  # plotting stack: only when asked
+        from hil.network.analysis import flipflop_error_budget  # plotting stack: only when asked
 
         return flipflop_error_budget(out, x, y)
 

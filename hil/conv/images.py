@@ -62,7 +62,7 @@ class ImageSplit:
 def load_digits_images(seed_split: int = 0) -> ImageSplit:
     """scikit-learn's 8x8 digits, stratified 50/50 train/test split (``random_state=seed_split``).
 
-    The split is the one ``hil.tasks.SequentialDigits`` uses, so the test half, and its first
+    The split is the one ``hil.network.tasks.SequentialDigits`` uses, so the test half, and its first
     100 images, are always the same for a given ``seed_split``.
     """
     from sklearn.datasets import load_digits

@@ -6,7 +6,7 @@ Every estimator returns, from :meth:`Estimator.forward`, the states the readout 
 the same for all of them. Selectable by name (``--estimator``):
 
 - ``physics``: the physics-aware backward (paper section V): forward on the chip, backward through
-  the twin pinned to the measured states (:class:`hil.chip_in_loop.ChipFunction`). One upload
+  the twin pinned to the measured states (:class:`hil.chip.chip_in_loop.ChipFunction`). One upload
   and one run per step.
 - ``twin:every=K``: twin-only steps (forward and backward on the twin, no device time), with a
   physics-aware chip step every ``K`` batches; after each chip step the twin's per-oscillator
@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hil.errors import ConfigError
-from hil.model import State
+from hil.network.model import State
 
 if TYPE_CHECKING:
-    from hil.chip_in_loop import ChipInTheLoop
+    from hil.chip.chip_in_loop import ChipInTheLoop
 
 
 class Estimator:
@@ -67,7 +67,7 @@ class PhysicsAware(Estimator):
     name = "physics"
 
     def forward(self, loop: ChipInTheLoop, u: torch.Tensor) -> torch.Tensor:
-        from hil.chip_in_loop import ChipFunction
+        from hil.chip.chip_in_loop import ChipFunction
 
         tw = loop.twin
         loop.chip_steps += 1
@@ -169,7 +169,7 @@ def reidentify(twin, batches: list[tuple[torch.Tensor, ...]], iters: int = 25,
     for _, xs, _ in batches:
         n = xs.shape[1] * xs.shape[2]
         picks.append(torch.randperm(n, generator=gen)[:points] if points < n else None)
-    from hil.chip_in_loop import BOUNDED_TYPES
+    from hil.chip.chip_in_loop import BOUNDED_TYPES
 
     names = ("gamma", "sigma", "b_fixed")
     start = {n: getattr(twin, n).detach().clone() for n in names}
@@ -219,7 +219,7 @@ def reidentify(twin, batches: list[tuple[torch.Tensor, ...]], iters: int = 25,
 @torch.no_grad()
 def _refresh_rest(twin, trials: list[int]) -> None:
     """The rest states that go with the (re-identified) physics of ``trials``."""
-    from hil.twin import rest_state
+    from hil.chip.twin import rest_state
 
     for k in trials:
         rest = [rest_state(twin.kind, float(g), float(b), float(s), float(q))

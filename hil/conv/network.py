@@ -154,7 +154,7 @@ def train_conv(split: Any, *, noise: float = 0.5, epochs: int = 10, lr: float = 
                seed: int = 0, weight_decay: float = 0.0,
                progress: Callable[[dict[str, Any]], None] | None = None
                ) -> tuple[ConvNet, list[dict[str, Any]]]:
-    """Noise-aware training on an :class:`hil.images.ImageSplit` (thesis 4.3.1, 4.6.1).
+    """Noise-aware training on an :class:`hil.conv.images.ImageSplit` (thesis 4.3.1, 4.6.1).
 
     Adam, cross-entropy on the logits, mini-batches reshuffled every epoch. ``seed`` fixes the
     initial weights (``torch.manual_seed``) and a private generator draws the shuffling and
@@ -225,12 +225,12 @@ def load_model(path: str | Path) -> tuple[ConvNet, dict[str, Any]]:
 
     blob = load_checkpoint(path)  # weights_only=True; a corrupt file is a HilError naming it
     if blob.get("format") != "hil-convnet-1":
-        raise HilError(f"{path}: not a model file written by hil.conv.save_model")
+        raise HilError(f"{path}: not a model file written by hil.conv.network.save_model")
     try:
         model = ConvNet(blob["image_size"], blob["n_kernels"], blob["n_classes"])
         model.load_state_dict(blob["state_dict"])
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-        raise HilError(f"{path}: the weights do not fit a hil.conv network ({exc!s:.200})") from None
+        raise HilError(f"{path}: the weights do not fit a hil.conv.network network ({exc!s:.200})") from None
     return model, blob["meta"]
 
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from hil.config import HardwareConfig, ModelConfig
-from hil.engine import Dynamics, get_engine
 from hil.errors import ConfigError
+from hil.network.engine import Dynamics, get_engine
 from sims.neurons import TANH_OUTPUT_TYPES, rest_state
 
 _STRUCTURAL = ("neuron", "n_layers", "n_hidden", "dt_ns", "substeps", "highpass", "scheme")
@@ -280,7 +280,7 @@ class DynamicalNetwork(nn.Module):
             state = self.initial_state(B)
         C = self.constant_drive(u)
         dyn = self.dynamics()
-        run = get_engine(self.engine)  # hil.engine.ENGINES: "fast", "reference"
+        run = get_engine(self.engine)  # hil.network.engine.ENGINES: "fast", "reference"
         xseq, xf, yf = run(C, self.scaled_recurrent(), state.x, state.y, dyn, self.layer_slices())
         return xseq, State(xf, yf)
 

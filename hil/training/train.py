@@ -1,6 +1,6 @@
 """Off-chip training of stacked trials (seeds or hyperparameter configurations).
 
-All trials train in one job on the stacked :class:`~hil.model.DynamicalNetwork`. Each trial
+All trials train in one job on the stacked :class:`~hil.network.model.DynamicalNetwork`. Each trial
 sees its own data order (drawn from its own seed), so a seed gives the same result whether
 it trains alone or beside others. A trial whose loss or state becomes non-finite is rolled
 back to its last good epoch with half the learning rate; after ``max_rollbacks`` it is marked
@@ -24,8 +24,8 @@ import torch
 
 from hil.config import HardwareConfig, ModelConfig, TrainConfig
 from hil.errors import ConfigError
-from hil.model import DynamicalNetwork, State
-from hil.tasks import Task
+from hil.network.model import DynamicalNetwork, State
+from hil.network.tasks import Task
 
 EVAL_CHUNK = 300
 

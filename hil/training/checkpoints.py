@@ -1,4 +1,6 @@
-"""Jobs that combine a task, a trainer and a run folder (shared by the CLI and the API)."""
+"""Checkpoints of training runs: ``model.pt`` and the per-epoch resume point
+``checkpoint.pt`` (tensors and plain data, loadable with ``weights_only=True``), and
+the checks before a run is resumed. Shared by off-chip and chip-in-the-loop training."""
 
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from hil import convergence, design_rules, plots
-from hil.config import RunConfig, flatten, load_config
+from hil.config import RunConfig, flatten, load_config, update
 from hil.errors import ConfigError, HilError
+from hil.network.model import DynamicalNetwork
+from hil.network.tasks import make_task
 from hil.runs import RunFolder, atomic_path, atomic_write, load_checkpoint, pid_alive, read_status
-from hil.tasks import make_task
-from hil.train import Trainer, TrainResult, summarize
+from hil.training.train import Trainer, TrainResult
 
 
 def checkpoint_data(net, cfg: RunConfig) -> dict[str, Any]:
@@ -55,55 +57,6 @@ def save_checkpoint(result: TrainResult, cfg: RunConfig, path) -> None:
 #: removed once the run's results (``model.pt``, ``summary.json``, ...) are written
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = "hil-train-checkpoint"
-
-
-def train_run(cfg: RunConfig, folder: RunFolder, progress: bool = True,
-              resume: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train every seed of ``cfg`` together; write config, metrics, results, summary, plots.
-
-    Every epoch ends with ``checkpoint.pt`` (see :meth:`hil.train.Trainer.resume_state`);
-    ``resume``, a checkpoint from :func:`check_resume`, continues that run in its own folder to
-    the same final weights as an uninterrupted run."""
-    torch.manual_seed(cfg.seeds[0])
-    if resume is None:
-        folder.write_config(cfg.to_dict())
-    task = make_task(cfg.task, cfg.train.output_gain)
-    K = len(cfg.seeds)
-    config = plain(cfg.to_dict())
-
-    def checkpoint(state: dict[str, Any]) -> None:
-        folder.save_torch(CHECKPOINT_FILE, {"format": CHECKPOINT_FORMAT, "config": config,
-                                            "trainer": state})
-
-    trainer = Trainer([cfg.model] * K, [cfg.train] * K, cfg.seeds, task,
-                      log=folder.append_metrics, progress=progress,
-                      label=f"{cfg.task.name}/{cfg.model.neuron} x{K} seeds", hardware=cfg.hardware,
-                      checkpoint=checkpoint)
-    if resume is not None:
-        resume_trainer(trainer, resume, folder)
-    result = trainer.fit()
-    metric = task.metric_name
-    ok = [f for f in result.final if f["status"] != "failed"]
-    failed = [f["seed"] for f in result.final if f["status"] == "failed"]
-    rules = design_rules.check(cfg.model, result.net.layer_weights(0))
-    summary = {
-        "task": cfg.task.name, "model": cfg.model.neuron, "metric": metric,
-        "test": summarize([f[f"test_{metric}"] for f in ok]),
-        "failed_seeds": failed,
-        "rolled_back_seeds": [f["seed"] for f in result.final if f["rollbacks"]],
-        "train_seconds": result.seconds,
-        "design_rules": rules,
-    }
-    if "val" in task.splits:
-        summary["val"] = summarize([f[f"val_{metric}"] for f in ok])
-    summary["convergence"] = _convergence(result, task)
-    folder.write_json("final.json", result.final)
-    folder.write_json("summary.json", summary)
-    save_checkpoint(result, cfg, folder.file("model.pt"))
-    plots.accuracy_curves(result.history, metric, folder.file("accuracy.png"))
-    _trajectory_plot(result, task, cfg, folder)
-    folder.file(CHECKPOINT_FILE).unlink(missing_ok=True)  # model.pt and the results are written
-    return summary
 
 
 def resume_trainer(trainer: Trainer, resume: dict[str, Any], folder: RunFolder) -> None:
@@ -176,31 +129,28 @@ def check_resume(path: str | Path, given: RunConfig | None = None) -> tuple[RunC
     return stored, ckpt
 
 
-def _convergence(result: TrainResult, task) -> dict[str, Any]:
-    """Test metric of the final weights under a converged solution of the same ODE, beside the
-    training integrator's (seeds that failed are left out of the summaries)."""
-    rep = convergence.reference_check(result.net, task, "test")
-    ok = [k for k, f in enumerate(result.final) if f["status"] != "failed"]
-    rep["seeds"] = list(result.net.seeds)
-    rep["test_reference"] = summarize([rep["reference"]["metric"][k] for k in ok])
-    rep["test_trained"] = summarize([rep["trained"]["metric"][k] for k in ok])
-    if ok:
-        gaps = [rep["gap_points"][k] for k in ok]
-        rep["worst_gap_points"] = max(gaps, key=abs)
-        rep["median_gap_points"] = float(np.median(gaps))
-    return rep
+def load_run(folder: Path) -> tuple[Any, Any, Any]:
+    """Rebuild a trained run's ``(config, task, network)`` from its folder (``model.pt`` loaded
+    with ``weights_only=True``: a crafted file cannot run code)."""
 
-
-@torch.no_grad()
-def _trajectory_plot(result: TrainResult, task, cfg: RunConfig, folder: RunFolder) -> None:
-    test = task.splits["test"]
-    if task.per_step:
-        idx = [0]
-    else:
-        y = test.y.numpy()
-        idx = [int(np.nonzero(y == c)[0][0]) for c in np.unique(y)[:4]]
-        idx += [int(np.nonzero(y == y[idx[0]])[0][1])]  # a second input of the first class
-    xseq, _ = result.net(test.x[idx])
-    labels = test.y[idx].numpy() if not task.per_step else np.array(["series"])
-    plots.trajectories(xseq[0].numpy(), labels, cfg.model.n_layers, cfg.model.n_hidden,
-                       cfg.model.dt_ns, folder.file("trajectories.png"))
+    ckpt_path = folder / "model.pt"
+    if not ckpt_path.is_file():
+        raise HilError(f"{folder}: no model.pt; is this a folder written by hil train?")
+    ckpt = load_checkpoint(ckpt_path)  # weights_only=True: a crafted file cannot run code
+    missing = [k for k in ("config", "seeds", "n_in", "n_out", "input_centre", "state_dict")
+               if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict):
+        raise HilError(f"{ckpt_path}: not a checkpoint of hil train "
+                       f"(missing {', '.join(missing) or 'config'})")
+    cfg = update(RunConfig(), {k: v for k, v in ckpt["config"].items() if k != "preset"},
+                 str(ckpt_path))
+    task = make_task(cfg.task, cfg.train.output_gain)
+    try:
+        net = DynamicalNetwork([cfg.model] * len(ckpt["seeds"]), ckpt["n_in"], ckpt["n_out"],
+                               ckpt["seeds"], ckpt["input_centre"])
+        net.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HilError(f"{ckpt_path}: the weights do not fit the network of its config "
+                       f"({first[:200]})") from None
+    return cfg, task, net

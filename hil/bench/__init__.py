@@ -1,0 +1,2 @@
+"""The bench: lab configurations, opening instruments by role, the lab clock.
+"""

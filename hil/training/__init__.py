@@ -1,0 +1,2 @@
+"""Off-chip training of stacked trials and the hyperparameter search.
+"""
