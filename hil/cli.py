@@ -41,8 +41,32 @@ COMMAND_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that knows whether it ends a command line: the parsers made by its
+    sub-commands are of the same class (``add_subparsers(parser_class=...)``), so the leaves can
+    be found without argparse's private attributes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.children: list[_Parser] = []
+        self.is_leaf = True
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        self.is_leaf = False
+        action = super().add_subparsers(parser_class=_Parser, **kwargs)
+        add_parser = action.add_parser
+
+        def add(name: str, **kw: Any) -> _Parser:
+            child = add_parser(name, **kw)
+            self.children.append(child)
+            return child
+
+        action.add_parser = add  # the public method, wrapped to remember the child
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hil",
         description="Hardware-in-the-loop training for spintronic neural networks.",
     )
@@ -57,13 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+def _leaf_parsers(parser: _Parser) -> Iterator[_Parser]:
     """The parsers that end a command line (``hil train``, ``hil lab check``, ...)."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    for action in subs:
-        for child in dict.fromkeys(action.choices.values()):  # an alias maps to the same parser
-            children = [a for a in child._actions if isinstance(a, argparse._SubParsersAction)]
-            yield from (_leaf_parsers(child) if children else [child])
+    for child in parser.children:
+        yield from ([child] if child.is_leaf else _leaf_parsers(child))
 
 
 def _add_output_options(p: argparse.ArgumentParser, top: bool) -> None:

@@ -3,9 +3,13 @@
 Each job takes a validated config and a run folder and writes its results there:
 :func:`train_run` (off-chip training, defined here), :func:`run_search` (the Optuna search),
 :func:`train_in_the_loop_run`, :func:`upload_run`, :func:`mismatch_study`,
-:func:`budget_study`, :func:`train_conv` and :func:`deploy` (defined beside what they run,
-imported from here by the commands and the API). Library modules never import this module:
-it sits on top of them."""
+:func:`budget_study`, :func:`train_conv`, :func:`train_conv_job` and :func:`deploy`, and the
+calibration jobs :func:`reference_map_job`, :func:`chain_design_job`, :func:`chain_measure_job`,
+:func:`position_job`, :func:`source_job` and :func:`field_job` with what their commands prepare
+for them (:func:`reference_sweep_settings`, :func:`load_reference_model`,
+:func:`design_chain_set`, :class:`ChainMeasureSettings`, :class:`PositionSettings`,
+:func:`position_state_settings`) (defined beside what they run, imported from here by the
+commands and the API). Library modules never import this module: it sits on top of them."""
 
 from __future__ import annotations
 
@@ -15,11 +19,26 @@ import numpy as np
 import torch
 
 from hil import plots
+from hil.bench.calibrate import (
+    ChainMeasureSettings,
+    PositionSettings,
+    chain_design_job,
+    chain_measure_job,
+    design_chain_set,
+    field_job,
+    load_reference_model,
+    position_job,
+    position_state_settings,
+    reference_map_job,
+    reference_sweep_settings,
+    source_job,
+)
 from hil.chip.budget_study import budget_study
 from hil.chip.chip_in_loop import train_in_the_loop_run
 from hil.chip.study import mismatch_study, upload_run
 from hil.config import RunConfig
 from hil.conv.hybrid import deploy
+from hil.conv.jobs import ConvTrainSettings, train_conv_job
 from hil.conv.network import train_conv
 from hil.network import design_rules
 from hil.network.engine import record_engine
@@ -38,12 +57,26 @@ from hil.training.train import Trainer, TrainResult, summarize
 from hil.training.tune import run_search
 
 __all__ = [
+    'ChainMeasureSettings',
+    'ConvTrainSettings',
+    'PositionSettings',
     'budget_study',
+    'chain_design_job',
+    'chain_measure_job',
     'check_resume',
     'deploy',
+    'design_chain_set',
+    'field_job',
+    'load_reference_model',
     'mismatch_study',
+    'position_job',
+    'position_state_settings',
+    'reference_map_job',
+    'reference_sweep_settings',
     'run_search',
+    'source_job',
     'train_conv',
+    'train_conv_job',
     'train_in_the_loop_run',
     'train_run',
     'upload_run',

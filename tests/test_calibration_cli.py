@@ -69,12 +69,13 @@ def test_reference_resume_design_measure_optimise_source(runs_dir, capsys):
 
 
 def test_bad_arguments_are_config_errors(runs_dir):
+    from hil.bench.calibrate import open_calibration_lab
     from hil.errors import HilError
 
     with pytest.raises(HilError):
         run("source", "calibrate", LAB, "--channels", "four")
     with pytest.raises(HilError, match="virtual lab"):
-        calibrate._open(str(Path(LAB).parent / "template_real_bench.yaml"), {"x": 1}, runs_dir)
+        open_calibration_lab(str(Path(LAB).parent / "template_real_bench.yaml"), {"x": 1}, runs_dir)
 
 
 def test_resume_refuses_changed_settings_and_accumulates_lab_time(runs_dir, capsys, tmp_path):

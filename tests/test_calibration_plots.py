@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_calibration_cli import LAB, run
 
 from calibration.chain import ChainDesign
 from calibration.source import ChannelCalibration, SourceCalibration
 from hil import plots
-from tests.test_calibration_cli import LAB, run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

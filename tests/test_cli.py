@@ -72,3 +72,19 @@ def test_train_reports_when_every_seed_failed(runs_dir, capsys):
                  "--no-progress"]) == 1
     out = capsys.readouterr().out
     assert "every seed failed" in out and "failed seeds (not in the summary): [0]" in out
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--backend", "sim", "--device", "cv_gama=0.2"], "device.cv_gama: unknown key"),
+    (["--backend", "sim", "--device", "cv_gamma=lots"], "device.cv_gamma"),
+    (["--backend", "model", "--device", "cv_gamma=0.2"], "the model backend has no device settings"),
+    (["--backend", "lab:no/such/lab.yaml"], "no/such/lab.yaml"),
+])
+def test_upload_settings_are_refused_before_training(runs_dir, capsys, mocker, extra, words):
+    """``hil train --backend ...`` uploads after training: a wrong device setting or lab config
+    is refused before any epoch runs (it used to surface only after training), with no run folder."""
+    spy = mocker.patch("hil.jobs.train_run")
+    assert main(["train", "--preset", "digits", *TINY, *extra]) == 2
+    assert words in capsys.readouterr().err
+    spy.assert_not_called()
+    assert not list(runs_dir.glob("*train*"))

@@ -67,7 +67,6 @@ from drivers.base import (
     DriverError,
     Instrument,
     Limits,
-    WallClock,  # noqa: F401  (re-exported: hil.bench.lab.WallClock is the drivers' wall clock)
     parse_limit_spec,
 )
 from drivers.recording import LOG_NAME, ExchangeLog, RecordingTransport, ReplaySession

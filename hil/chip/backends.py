@@ -350,6 +350,17 @@ class ModelBackend(Backend):
 LAB_PREFIX = "lab:"
 
 
+def lab_config_path(lab_config: str | Path) -> Path:
+    """``lab_config`` as given, or relative to the installed package when only it exists there
+    (``lab:lab_configs/virtual.yaml`` from any folder)."""
+    from hil.bench.lab import package_root
+
+    path = Path(lab_config)
+    if not path.exists() and not path.is_absolute() and (package_root() / path).exists():
+        path = package_root() / path
+    return path
+
+
 class InstrumentChipBackend(Backend):
     """A chip controller reached through a lab configuration (its instrument with driver
     ``hil_oscillator_chip``, or else the chip of its virtual world; ``drivers.oscillator_chip``):
@@ -367,11 +378,7 @@ class InstrumentChipBackend(Backend):
 
     def __init__(self, lab_config: str | Path, config: DeviceConfig, seed: int, *,
                  record_to: str | Path | None = None) -> None:
-        from hil.bench.lab import package_root
-
-        path = Path(lab_config)
-        if not path.exists() and not path.is_absolute() and (package_root() / path).exists():
-            path = package_root() / path
+        path = lab_config_path(lab_config)
         self.lab_config = str(path)
         self._last_description: dict[str, Any] | None = None
         self.lab, self.chip, self.world = self._open_chip(path, record_to=record_to)
@@ -512,6 +519,44 @@ def make_backend(name: str, model: ModelConfig, n_in: int, input_centre: float, 
         return BACKENDS[name](None, model, n_in, input_centre, seed, device)
     allowed = [*BACKENDS, *(f"{k}:<lab config>" for k in PARAMETRISED_BACKENDS)]
     raise ConfigError("--backend", f"unknown backend {name!r}; allowed: {', '.join(allowed)}")
+
+
+def _check_chip(arg: str | None, model: ModelConfig, n_in: int,
+                device: Mapping[str, Any] | Sequence[str] | None) -> None:
+    device_config(model, n_in, 0.0, device)
+
+
+def _check_model(arg: str | None, model: ModelConfig, n_in: int,
+                 device: Mapping[str, Any] | Sequence[str] | None) -> None:
+    if device:
+        raise ConfigError("--device", "the model backend has no device settings")
+
+
+def _check_lab(arg: str | None, model: ModelConfig, n_in: int,
+               device: Mapping[str, Any] | Sequence[str] | None) -> None:
+    from hil.bench.lab import load_lab_config
+
+    load_lab_config(lab_config_path(str(arg)))  # a missing or invalid file: one ConfigError
+    device_config(model, n_in, 0.0, device)
+
+
+#: what each backend checks before anything runs: its device settings, its lab config
+BACKEND_CHECKS: dict[str, Callable[[str | None, ModelConfig, int,
+                                    Mapping[str, Any] | Sequence[str] | None], None]] = {
+    "sim": _check_chip, "model": _check_model, LAB_PREFIX.rstrip(":"): _check_lab}
+
+
+def check_backend(name: str, model: ModelConfig, n_in: int,
+                  device: Mapping[str, Any] | Sequence[str] | None = None) -> None:
+    """Refuse what :func:`make_backend` would refuse (an unknown name, bad device settings, a
+    missing or invalid lab config) without building anything: called before training, so a
+    mistake costs no training or device time."""
+    head, sep, arg = name.partition(":")
+    known = (sep and arg and head in PARAMETRISED_BACKENDS) or (not sep and name in BACKENDS)
+    if not known:
+        allowed = [*BACKENDS, *(f"{k}:<lab config>" for k in PARAMETRISED_BACKENDS)]
+        raise ConfigError("--backend", f"unknown backend {name!r}; allowed: {', '.join(allowed)}")
+    BACKEND_CHECKS[head if sep else name](arg or None, model, n_in, device)
 
 
 def layers_from_tensors(W_in: torch.Tensor, W_rec: torch.Tensor, bias: torch.Tensor, n_layers: int,

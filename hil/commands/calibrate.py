@@ -12,6 +12,10 @@ Pictures: ``chain design`` draws ``chain_design.png`` (each chain's diodes along
 ``chain measure`` ``chain_weights.png`` (measured vs target weights), ``source calibrate``
 ``source_calibration.png`` (f(V) and P(V) per channel). ``position optimise`` saves each
 chain's optimum and each tracked input as it goes and continues with ``--resume``.
+
+The procedures are the jobs of :mod:`hil.bench.calibrate` (imported from :mod:`hil.jobs`);
+this module parses and checks the arguments (before any run folder or instrument is opened),
+calls the job and prints its result.
 """
 
 from __future__ import annotations
@@ -23,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from hil.bench.lab import REFERENCE_SAMPLE, load_reference_map  # noqa: F401  (library; re-exported)
+from hil.bench.lab import REFERENCE_SAMPLE  # noqa: F401  (library; re-exported)
 from hil.errors import ConfigError, HilError
 from hil.runs import RunFolder
-from hil.runs import save_figure as _save_figure
 
 
 def _pairs(text: str, what: str) -> dict[str, float]:
@@ -43,89 +46,22 @@ def _pairs(text: str, what: str) -> dict[str, float]:
     return out
 
 
-def _open(lab_path: str, overrides: dict[str, Any] | None, record_to: Path | None) -> Any:
-    """Open the lab (instrument exchanges logged to ``record_to``, a run folder, unless None)."""
-    from hil.bench.lab import load_lab_config, open_lab
-
-    cfg = load_lab_config(lab_path)
-    world = None
-    if overrides:
-        if cfg.virtual is None:
-            raise HilError(f"{lab_path}: --reference-sample/--fabricate need a virtual lab")
-        from sims.virtual_lab import World
-        from sims.virtual_lab.config import deep_merge
-
-        world = World.from_file(cfg.virtual.world, seed=cfg.virtual.seed,
-                                overrides=deep_merge(dict(cfg.virtual.overrides), overrides))
-    return open_lab(cfg, world=world, record_to=record_to)
-
-
-def _record(args: argparse.Namespace, run: RunFolder) -> Path | None:
-    return None if args.no_record else run.path
-
-
-def _lab_time(run: RunFolder, command: str, lab_time_s: float, sessions: int = 1,
-              note: str = "") -> dict[str, Any]:
-    """Print the lab time a command used and record it in ``lab_time.json`` of its run folder."""
-    record = {"command": command, "lab_time_s": float(lab_time_s), "sessions": sessions,
-              **({"note": note} if note else {})}
-    run.write_json("lab_time.json", record)
+def _print_lab_time(record: dict[str, Any]) -> None:
+    """Print the lab time of a ``lab_time.json`` record (its sessions and note, if any)."""
+    lab_time_s, sessions, note = record["lab_time_s"], record["sessions"], record.get("note", "")
     hours = lab_time_s / 3600
     over = f" over {sessions} session(s)" if sessions != 1 else ""
     print(f"lab time {lab_time_s:.0f} s ({hours:.2f} h){over}" + (f"; {note}" if note else ""))
-    return record
 
 
-def _progress(total: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="pt", dynamic_ncols=True)
+def _resume_folder(resume: str | None, kind: str) -> RunFolder:
+    """The run folder to continue (``--resume``), refused if missing; else a new one."""
+    if resume and not Path(resume).is_dir():
+        raise HilError(f"--resume {resume}: no such run folder")
+    return RunFolder(Path(resume)) if resume else RunFolder.create(kind)
 
 
 # --------------------------------------------------------------------------- reference
-
-#: What a sweep was started with (checked on --resume) and the lab time it has used so far.
-SWEEP_STATE = "sweep_state.json"
-
-
-def _sweep_settings(args: argparse.Namespace, plan: Any) -> dict[str, Any]:
-    """Every measurement setting of a reference sweep, and the lab config's identity."""
-    from hil.bench.lab import load_lab_config
-
-    return {"devices": plan.devices, "stage_z_mm": plan.stage_z_mm, "freq_hz": plan.freq_hz,
-            "power_dbm": plan.power_dbm, "source_port": plan.source_port, "nplc": plan.nplc,
-            "direction": plan.direction, "gradient_oe_per_mm": plan.gradient_oe_per_mm,
-            "gamma_hz_per_oe": plan.gamma_hz_per_oe, "reference_sample": args.reference_sample,
-            "lab_config_sha256": load_lab_config(args.lab).identity_hash()}
-
-
-def _new_sweep(run: RunFolder, settings: dict[str, Any]) -> dict[str, Any]:
-    state = {"settings": settings, "lab_time_s": 0.0, "sessions": 0}
-    run.write_json(SWEEP_STATE, state)
-    return state
-
-
-def _check_resume(run: RunFolder, settings: dict[str, Any], state_file: str = SWEEP_STATE,
-                  kind: str = "a reference sweep folder", noun: str = "sweep",
-                  whole: str = "map") -> dict[str, Any]:
-    """The stored state, if ``settings`` are those the sweep was started with; else stop."""
-    path = run.file(state_file)
-    if not path.exists():
-        raise HilError(f"--resume {run.path}: no {state_file} (not {kind}?)")
-    state = json.loads(path.read_text())
-    stored = json.loads(json.dumps(state["settings"]))
-    now = json.loads(json.dumps(settings))  # the same JSON types as the stored ones
-    differ = [f"{key}: {_short(stored.get(key))} in the {noun}, {_short(now.get(key))} now"
-              for key in sorted(set(stored) | set(now)) if stored.get(key) != now.get(key)]
-    if differ:
-        raise HilError(f"--resume {run.path}: settings differ from the {noun}'s, refusing to mix "
-                       f"them in one {whole}: " + "; ".join(differ))
-    return state
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_sweep(args: argparse.Namespace) -> None:
@@ -147,7 +83,8 @@ def _check_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
-    from calibration.reference import SweepPlan, measure_reference_map
+    from calibration.reference import SweepPlan
+    from hil.jobs import reference_map_job, reference_sweep_settings
 
     _check_sweep(args)
     field_cal = _load_field_calibration(args)
@@ -158,52 +95,21 @@ def cmd_reference(args: argparse.Namespace) -> int:
                      power_dbm=args.power_dbm, source_port=args.source_port, nplc=args.nplc,
                      direction=args.direction, gradient_oe_per_mm=args.gradient,
                      gamma_hz_per_oe=args.gamma)
-    settings = _sweep_settings(args, plan)
-    if args.resume and not Path(args.resume).is_dir():
-        raise HilError(f"--resume {args.resume}: no such run folder")
-    run = RunFolder(Path(args.resume)) if args.resume else RunFolder.create("calibrate-reference")
-    csv_path = run.file("reference_map.csv")
+    settings = reference_sweep_settings(args.lab, plan, args.reference_sample)
+    run = _resume_folder(args.resume, "calibrate-reference")
     print(f"run folder: {run}")
-    total = len(plan.stage_z_mm) * len(plan.freq_hz) * len(devices)
-    from hil.locks import BenchLock
-
-    with BenchLock(run.file(".lock"), f"run folder {run.path}"):
-        state = _check_resume(run, settings) if args.resume else _new_sweep(run, settings)
-        with _open(args.lab, REFERENCE_SAMPLE if args.reference_sample else None,
-                   _record(args, run)) as lab:
-            bar = _progress(total)
-            start_s = float(lab.clock.now_s())
-            try:
-                new = measure_reference_map(lab, plan, csv_path,
-                                            progress=lambda i, n: bar.update(i - bar.n),
-                                            max_points=args.max_points,
-                                            lab_time_offset_s=float(state["lab_time_s"]))
-            finally:
-                bar.close()
-                state["lab_time_s"] += float(lab.clock.now_s()) - start_s
-                state["sessions"] += 1
-                run.write_json(SWEEP_STATE, state)
-    _lab_time(run, "calibrate reference", state["lab_time_s"], state["sessions"])
-    m = load_reference_map(csv_path)
-    print(f"{new} new points, {int(np.isfinite(m.device_grid_v).sum())} of {total} saved")
-    if not m.complete:
+    res = reference_map_job(args.lab, plan, run, settings=settings, resume=bool(args.resume),
+                            reference_sample=args.reference_sample, record=not args.no_record,
+                            max_points=args.max_points, field_calibration=field_cal,
+                            field_calibration_path=args.field_calibration,
+                            device_offset_mm=args.device_offset_mm)
+    _print_lab_time(res.lab_time)
+    print(f"{res.new_points} new points, {res.saved_points} of {res.total_points} saved")
+    if not res.complete:
         print("map incomplete: run again with --resume", run.path)
         return 3
-    if field_cal is not None:
-        m.use_field_calibration(field_cal.gradient_oe_per_mm, field_cal.gradient_sigma_oe_per_mm,
-                                probe_stage_z0_mm=field_cal.stage_z0_mm,
-                                device_offset_mm=args.device_offset_mm,
-                                source=f"field probe ({Path(args.field_calibration).resolve()})")
-    fit = m.fit_kittel(gamma_hz_per_oe=args.gamma)
-    rescale = m.fit_power_rescaling()
-    summary = {"kittel": fit.__dict__, "resonance_hz": m.resonance_hz().tolist(),
-               "field_oe": m.field_oe().tolist(), "stage_z_mm": m.stage_z_mm.tolist(),
-               "power_rescaling": rescale, "lab_time_s": state["lab_time_s"],
-               "sessions": state["sessions"]}
-    run.write_json("reference_fit.json", summary)
-    _plot_reference(m, run.file("reference_map.png"))
-    _print_kittel(fit)
-    print(f"rescaling slope {rescale['slope_v_per_hz'] * 1e15:.3f} uV/GHz")
+    _print_kittel(res.fit)
+    print(f"rescaling slope {res.rescaling['slope_v_per_hz'] * 1e15:.3f} uV/GHz")
     return 0
 
 
@@ -243,262 +149,73 @@ def _print_kittel(fit: Any) -> None:
     print(f"note: {fit.note}")
 
 
-def _plot_reference(m: Any, path: Path) -> None:
-    from hil.plots import plt  # figures without pyplot: no backend switch
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    field = m.field_oe()
-    order = np.argsort(field)
-    mesh = a.pcolormesh(m.freq_hz / 1e9, field[order], 1e6 * m.v_ref[order], shading="nearest",
-                        cmap="RdBu_r")
-    fig.colorbar(mesh, ax=a, label="V_ref (uV)")
-    a.set(xlabel="frequency (GHz)", ylabel="field (Oe)", title="reference diode (mean)")
-    fr = m.resonance_hz()
-    b.plot(field, fr / 1e9, "o")
-    from calibration.reference import kittel_hz
-
-    h = np.linspace(field.min(), field.max(), 200)
-    b.plot(h, kittel_hz(h, m.kittel.meff_oe, m.gamma_hz_per_oe) / 1e9, "-")
-    b.set(xlabel="field (Oe)", ylabel="resonance (GHz)", title=f"Kittel M_eff {m.kittel.meff_oe:.0f} Oe")
-    fig.tight_layout()
-    _save_figure(fig, path, dpi=100)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- chains
 
 
-def _model(map_csv: str) -> tuple[Any, Any, Any, dict[str, float]]:
-    from calibration.reference import rescaled_power
-
-    m = load_reference_map(map_csv)
-    if not m.complete:
-        raise HilError(f"{map_csv}: the map is incomplete; resume hil calibrate reference first")
-    m.fit_kittel()
-    fit = m.fit_power_rescaling()
-
-    def rescale(f: np.ndarray) -> np.ndarray:
-        return rescaled_power(f, fit, 1.0)
-
-    return m, m.interpolator(), rescale, fit
-
-
 def cmd_chain_design(args: argparse.Namespace) -> int:
-    from calibration.chain import THESIS_FREQS_HZ, THESIS_WEIGHTS, design_chains, write_design
+    from calibration.chain import THESIS_FREQS_HZ, THESIS_WEIGHTS
+    from hil.jobs import chain_design_job, design_chain_set, load_reference_model
 
-    m, v_ref, rescale, fit = _model(args.map)
+    model = load_reference_model(args.map)
     if args.weights:
         spec = json.loads(Path(args.weights).read_text())
         freqs, weights = spec["freq_hz"], spec["weights"]
     else:
         freqs, weights = list(THESIS_FREQS_HZ), {k: list(v) for k, v in THESIS_WEIGHTS.items()}
-    z_um = 1e3 * m.z_for_resonance_mm(np.asarray(freqs, float))
-    n = len(freqs)
-    # V_range: the rescaled peak of a 70 um synapse shared by N synapses (thesis 3.5.2)
-    v_range = (fit["slope_v_per_hz"] * 3.1e9 + fit["intercept_v"]) / n
-    designs = design_chains(v_ref, rescale, z_um, freqs, weights, v_range_v=v_range,
-                            dz_max_um=args.dz_max_um)
-    run = RunFolder.create("chain-design")
-    path = write_design(run.file("chain_design.json"), designs,
-                        {"reference_map": str(Path(args.map).resolve()), "power_rescaling": fit})
-    for d in designs:
+    designs = design_chain_set(model, freqs, weights, args.dz_max_um)
+    res = chain_design_job(model, designs, args.map, RunFolder.create("chain-design"))
+    for d in res.designs:
         print(f"{d.name}: v {d.v_um()} um, dz {d.dz_um} um, predicted w {np.round(d.predicted_w, 4)}")
-    print(f"design file: {path}")
-    print(f"figure: {_plot_design(m, designs, run.file('chain_design.png'))}")
-    _lab_time(run, "chain design", 0.0, 0, "a computation on the reference map: no instrument used")
+    print(f"design file: {res.design_file}")
+    print(f"figure: {res.figure}")
+    _print_lab_time(res.lab_time)
     return 0
 
 
-def _plot_design(m: Any, designs: list[Any], path: Path) -> Path:
-    """The design drawing, with the map's Kittel law giving each diode's resonance."""
-    from calibration.reference import kittel_hz
-    from hil.plots import chain_design
-
-    def resonance_hz(z_um: np.ndarray) -> np.ndarray:
-        field = np.abs(np.asarray(z_um, float)) * 1e-3 * m.gradient_oe_per_mm
-        return kittel_hz(field, m.kittel.meff_oe, m.gamma_hz_per_oe)
-
-    chain_design(designs, path, resonance_hz)
-    return path
-
-
 def cmd_chain_measure(args: argparse.Namespace) -> int:
-    from calibration.chain import (
-        error_table,
-        extract_weights,
-        measure_inputs_v,
-        place_chain,
-        read_design,
-        virtual_lab_overrides,
-    )
+    from calibration.chain import read_design
+    from hil.jobs import ChainMeasureSettings, chain_measure_job, load_reference_model
 
     designs = read_design(args.design)
-    _, v_ref, rescale, _ = _model(args.map)
+    model = load_reference_model(args.map)
     ports = {k: int(v) for k, v in _pairs(args.ports, "--ports").items()}
+    settings = ChainMeasureSettings(p0_mw=args.p0_mw, stage_ref_mm=args.stage_ref_mm, nplc=args.nplc,
+                                    n_avg=args.n_avg, fabricate=args.fabricate)
     run = RunFolder.create("chain-measure")
     print(f"run folder: {run}")
-    overrides = virtual_lab_overrides(designs) if args.fabricate else None
-    rows = []
-    with _open(args.lab, overrides, _record(args, run)) as lab:
-        start_s = float(lab.clock.now_s())
-        lab["voltmeter"].configure_voltage(nplc=args.nplc)
-        for d in (d for d in designs if d.name in ports):
-            placed = place_chain(lab, ports[d.name], d, v_ref, rescale, args.p0_mw,
-                                 stage_ref_mm=args.stage_ref_mm, progress=print)
-            v = measure_inputs_v(lab, ports[d.name], d.freq_hz,
-                                 args.p0_mw * rescale(np.asarray(d.freq_hz)), n_avg=args.n_avg)
-            w, v_max = extract_weights(v, d.target_w)
-            row = {"name": d.name, "target_w": d.target_w, "measured_w": w.tolist(),
-                   "v_max_v": v_max, "dz_um": d.dz_um, "v_inputs_v": v.tolist(),
-                   "stage_z_mm": placed["stage_z_mm"]}
-            rows.append(row)
-            run.append_metrics(row)
-        lab_time_s = float(lab.clock.now_s()) - start_s
-    text, means = error_table(rows)
-    run.write_json("weights.json", {"chains": rows, "mean_abs_dw_pct": means,
-                                    "lab_time_s": lab_time_s})
-    run.write_text("table_3_1.txt", text + "\n")
-    print(text)
-    if rows:
-        from hil.plots import chain_weights
-
-        chain_weights(rows, run.file("chain_weights.png"))
-        print(f"figure: {run.file('chain_weights.png')}")
-    _lab_time(run, "chain measure", lab_time_s)
+    res = chain_measure_job(args.lab, designs, model, ports, run, settings,
+                            record=not args.no_record, log=print)
+    print(res.table)
+    if res.figure is not None:
+        print(f"figure: {res.figure}")
+    _print_lab_time(res.lab_time)
     return 0
 
 
 # --------------------------------------------------------------------------- position
 
 
-#: What a position optimisation was started with, each chain's optimum, and the lab time so far.
-POSITION_STATE = "position_state.json"
-#: The tracked inputs, one row each, appended as they are measured.
-TRACKING_CSV = "tracking.csv"
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError as exc:
-        raise HilError(f"{path}: {exc.strerror or exc}") from None
-
-
-def _position_settings(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, Any]:
-    """Every setting of a position optimisation (checked on --resume): the design and map by
-    content, the bench by the lab config's identity."""
-    from hil.bench.lab import load_lab_config
-
-    return {"design_sha256": _sha256(args.design), "map_sha256": _sha256(args.map), "ports": ports,
-            "p0_mw": args.p0_mw, "stage_ref_mm": args.stage_ref_mm, "nplc": args.nplc,
-            "fabricate": args.fabricate, "window_mm": args.window_mm, "trials": args.trials,
-            "n_avg": args.n_avg, "seed": args.seed, "track_inputs": args.track_inputs,
-            "every": args.every, "wait_s": args.wait_s, "reopt_trials": args.reopt_trials,
-            "lab_config_sha256": load_lab_config(args.lab).identity_hash()}
-
-
 def cmd_position(args: argparse.Namespace) -> int:
-    """Algorithm 2 per chain, then (``--track-inputs``) a long run re-optimised every N inputs.
-
-    Resumable: each chain's optimum goes to ``position_state.json`` when found and each tracked
-    input to ``tracking.csv`` when measured; ``--resume RUN_FOLDER`` (same settings) skips the
-    chains already optimised and continues each track after its last saved input, re-optimising
-    there first. The lab time adds up over the sessions.
-    """
-    from calibration.chain import place_chain, read_design, virtual_lab_overrides
-    from calibration.position import (
-        Tracking,
-        append_track_row,
-        generator_one_hot,
-        optimise_z,
-        plot_tracking,
-        read_track_rows,
-        track,
-    )
-    from hil.locks import BenchLock
+    """Algorithm 2 per chain, then (``--track-inputs``) a long run re-optimised every N inputs;
+    ``--resume RUN_FOLDER`` (same settings) continues it (see :func:`hil.jobs.position_job`)."""
+    from calibration.chain import read_design
+    from hil.jobs import PositionSettings, load_reference_model, position_job, position_state_settings
 
     designs = read_design(args.design)
-    _, v_ref, rescale, _ = _model(args.map)
+    model = load_reference_model(args.map)
     ports = {k: int(v) for k, v in _pairs(args.ports, "--ports").items()}
-    settings = _position_settings(args, ports)
-    if args.resume and not Path(args.resume).is_dir():
-        raise HilError(f"--resume {args.resume}: no such run folder")
-    run = RunFolder(Path(args.resume)) if args.resume else RunFolder.create("position-optimise")
+    settings = PositionSettings(p0_mw=args.p0_mw, stage_ref_mm=args.stage_ref_mm, nplc=args.nplc,
+                                fabricate=args.fabricate, window_mm=args.window_mm, trials=args.trials,
+                                n_avg=args.n_avg, seed=args.seed, track_inputs=args.track_inputs,
+                                every=args.every, wait_s=args.wait_s, reopt_trials=args.reopt_trials)
+    state_settings = position_state_settings(args.lab, args.design, args.map, ports, settings)
+    run = _resume_folder(args.resume, "position-optimise")
     print(f"run folder: {run}")
-    overrides = virtual_lab_overrides(designs) if args.fabricate else None
-    chosen = [d for d in designs if d.name in ports]
-    rng = np.random.default_rng(args.seed)  # the run's one-hot inputs, drawn chain by chain
-    tones = {d.name: rng.integers(0, len(d.freq_hz), args.track_inputs) for d in chosen} \
-        if args.track_inputs else {}
-    csv_path = run.file(TRACKING_CSV)
-    with BenchLock(run.file(".lock"), f"run folder {run.path}"):
-        if args.resume:
-            state = _check_resume(run, settings, POSITION_STATE, "a position optimisation folder",
-                                  "run", "run")
-        else:
-            state = {"settings": settings, "lab_time_s": 0.0, "sessions": 0, "chains": {}}
-            run.write_json(POSITION_STATE, state)
-        before_s, session = float(state["lab_time_s"]), int(state["sessions"]) + 1
-        saved = read_track_rows(csv_path)
-        with _open(args.lab, overrides, _record(args, run)) as lab:
-            start_s = float(lab.clock.now_s())
-
-            def save_state() -> None:
-                state["lab_time_s"] = before_s + float(lab.clock.now_s()) - start_s
-                state["sessions"] = session
-                run.write_json(POSITION_STATE, state)
-
-            try:
-                lab["voltmeter"].configure_voltage(nplc=args.nplc)
-                for d in chosen:
-                    p_x1 = args.p0_mw * rescale(np.asarray(d.freq_hz))  # x = 1 (eq. 3.3)
-                    inputs = np.diag(p_x1)
-                    measure = generator_one_hot(ports[d.name], d.freq_hz, n_avg=args.n_avg)
-                    if d.name not in state["chains"]:
-                        placed = place_chain(lab, ports[d.name], d, v_ref, rescale, args.p0_mw,
-                                             stage_ref_mm=args.stage_ref_mm, fine_span_mm=0.0,
-                                             progress=print)
-                        z0 = placed["stage_z_mm"]
-                        opt = optimise_z(lab, d, measure, inputs, p_x1, z0 - args.window_mm,
-                                         z0 + args.window_mm, n_trials=args.trials, seed=args.seed)
-                        print(f"{d.name}: stage z {opt.stage_z_mm:.4f} mm, V_max "
-                              f"{opt.v_max_v * 1e6:.3f} uV, M {opt.m:.4f}")
-                        state["chains"][d.name] = {"stage_z_mm": opt.stage_z_mm, "v_max_v": opt.v_max_v,
-                                                   "m": opt.m, "trials": opt.trials,
-                                                   "profile_stage_z_mm": z0, "session": session}
-                        run.append_metrics({"chain": d.name, **state["chains"][d.name]})
-                        save_state()
-                    have = saved.setdefault(d.name, [])
-                    if len(have) >= args.track_inputs:
-                        continue
-                    if have:
-                        print(f"{d.name}: resuming the track at input {len(have)} of {args.track_inputs}")
-                    run_inputs = np.zeros((args.track_inputs, len(d.freq_hz)))
-                    run_inputs[np.arange(args.track_inputs), tones[d.name]] = 1.0
-
-                    def keep(row: dict[str, Any], name: str = d.name, have: list = have) -> None:
-                        full = {"chain": name, "tone": int(tones[name][row["input"]]), "session": session,
-                                **row}
-                        append_track_row(csv_path, full)
-                        have.append(full)
-
-                    track(lab, d, measure, inputs, run_inputs * p_x1, p_x1,
-                          have[-1]["z_mm"] if have else state["chains"][d.name]["stage_z_mm"],
-                          every=args.every, n_trials=args.reopt_trials,
-                          between=lambda i: lab.sleep(args.wait_s), seed=args.seed, start=len(have),
-                          lab_time_offset_s=before_s - start_s, on_input=keep)
-            finally:
-                save_state()
-    tracks = {name: Tracking.from_rows(rows) for name, rows in saved.items() if rows}
-    run.write_json("positions.json", {"chains": state["chains"],
-                                      "tracking": {k: v.__dict__ for k, v in tracks.items()},
-                                      "run_inputs_tone": {k: v.tolist() for k, v in tones.items()},
-                                      "lab_time_s": state["lab_time_s"], "sessions": state["sessions"]})
-    if tracks:
-        print(f"figure: {plot_tracking(tracks, run.file('position_tracking.png'))}")
-    _lab_time(run, "position optimise", state["lab_time_s"], state["sessions"])
+    res = position_job(args.lab, designs, model, ports, run, settings, state_settings=state_settings,
+                       resume=bool(args.resume), record=not args.no_record, log=print)
+    if res.figure is not None:
+        print(f"figure: {res.figure}")
+    _print_lab_time(res.lab_time)
     return 0
 
 
@@ -506,25 +223,20 @@ def cmd_position(args: argparse.Namespace) -> int:
 
 
 def cmd_source(args: argparse.Namespace) -> int:
-    from calibration.source import SourceWiring, calibrate_source
+    from hil.jobs import source_job
 
     ops = {int(k): v for k, v in _pairs(args.channels, "--channels").items()}
     run = RunFolder.create("source-calibrate")
     print(f"run folder: {run}")
-    with _open(args.lab, None, _record(args, run)) as lab:
-        start_s = float(lab.clock.now_s())
-        cal = calibrate_source(lab, ops, SourceWiring(amplifier_role=args.amplifier), progress=print)
-        lab_time_s = float(lab.clock.now_s()) - start_s
-    path = cal.save(run.file("source_calibration.json"))
+    res = source_job(args.lab, ops, run, amplifier_role=args.amplifier, record=not args.no_record,
+                     log=print)
+    cal = res.calibration
     for ch, c in cal.channels.items():
         print(f"channel {ch}: {c.freq_hz[0] / 1e9:.3f}-{c.freq_hz[-1] / 1e9:.3f} GHz, tuning "
               f"{cal.tuning_for(ch, c.operating_freq_hz):.3f} V at {c.operating_freq_hz / 1e9:.3f} GHz")
-    print(f"calibration file: {path}")
-    from hil.plots import source_calibration
-
-    source_calibration(cal, run.file("source_calibration.png"))
-    print(f"figure: {run.file('source_calibration.png')}")
-    _lab_time(run, "source calibrate", lab_time_s)
+    print(f"calibration file: {res.calibration_file}")
+    print(f"figure: {res.figure}")
+    _print_lab_time(res.lab_time)
     return 0
 
 
@@ -535,7 +247,8 @@ def cmd_field(args: argparse.Namespace) -> int:
     """Hall-probe scan through the gradient: the gradient and the field zero, measured."""
     import math
 
-    from calibration.field import FieldScanPlan, calibrate_field
+    from calibration.field import FieldScanPlan
+    from hil.jobs import field_job
 
     for opt, v in (("--z-step", args.z_step), ("--max-field-oe", args.max_field_oe)):
         if not (math.isfinite(v) and v > 0):
@@ -554,14 +267,9 @@ def cmd_field(args: argparse.Namespace) -> int:
                           "command line") from None
     run = RunFolder.create("calibrate-field")
     print(f"run folder: {run}")
-    with _open(args.lab, None, _record(args, run)) as lab:
-        start_s = float(lab.clock.now_s())
-        cal = calibrate_field(lab, plan, run.file("field_profile.csv"),
-                              accuracy_frac=args.accuracy_frac,
-                              zero_uncertainty_oe=args.zero_uncertainty_oe)
-        cal.lab_time_s = float(lab.clock.now_s()) - start_s
-    path = cal.save(run.file("field_calibration.json"))
-    _plot_field(cal, run.file("field_profile.png"))
+    res = field_job(args.lab, plan, run, accuracy_frac=args.accuracy_frac,
+                    zero_uncertainty_oe=args.zero_uncertainty_oe, record=not args.no_record)
+    cal, path = res.calibration, res.calibration_file
     trend = "falls" if cal.direction < 0 else "rises"
     print(f"gradient {cal.gradient_oe_per_mm:.3f} +- {cal.gradient_sigma_oe_per_mm:.3f} Oe/mm "
           f"(fit {cal.slope_sigma_fit_oe_per_mm:.3f}, probe accuracy "
@@ -570,29 +278,8 @@ def cmd_field(args: argparse.Namespace) -> int:
           f"{1e3 * cal.stage_z0_sigma_mm:.1f} um; residual {cal.residual_rms_oe:.3f} Oe rms over "
           f"{cal.n_points} points")
     print(f"calibration file: {path} (hil calibrate reference --field-calibration {path})")
-    _lab_time(run, "calibrate field", cal.lab_time_s)
+    _print_lab_time(res.lab_time)
     return 0
-
-
-def _plot_field(cal: Any, path: Path) -> None:
-    from hil.plots import plt
-
-    z = np.array([p["stage_z_mm"] for p in cal.points])
-    h = np.array([p["field_oe"] for p in cal.points])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(z, h, "o", label="probe")
-    zz = np.linspace(z.min(), z.max(), 200)
-    a.plot(zz, cal.slope_oe_per_mm * (zz - cal.stage_z0_mm), "-",
-           label=f"{cal.slope_oe_per_mm:.2f} Oe/mm through z0")
-    a.axvline(cal.stage_z0_mm, color="0.6", lw=0.8)
-    a.set(xlabel="stage z (mm)", ylabel="field (Oe)", title="field at the Hall probe")
-    a.legend()
-    b.plot(z, h - cal.slope_oe_per_mm * (z - cal.stage_z0_mm), "o")
-    b.set(xlabel="stage z (mm)", ylabel="field - linear (Oe)",
-          title="beyond the linear gradient")
-    fig.tight_layout()
-    _save_figure(fig, path, dpi=100)
-    plt.close(fig)
 
 
 def _chain_bench_args(p: argparse.ArgumentParser, verb: str) -> None:

@@ -29,10 +29,7 @@ import torch
 
 from hil.errors import ConfigError
 from hil.runs import RunFolder
-from hil.runs import save_figure as _save_figure
 
-#: thesis 4.9: the hardware network was tested on the first 100 test images
-FIRST_N = 100
 #: default epochs per dataset: the thesis's 10 on FashionMNIST's 60000 images (~9400 Adam steps);
 #: on the 898 training digits (15 steps an epoch) 100 epochs reach the plateau (clean ~95 %,
 #: noisy ~91 % on the test half; 10 epochs: ~89 % / ~84 %, 200 epochs: no better)
@@ -70,99 +67,36 @@ def _check(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hil.conv.images import load_images
-    from hil.conv.network import confusion_matrix, evaluate, kernels_file, save_model
-    from hil.jobs import train_conv
+    from hil.conv.jobs import FIRST_N  # the first 100 test images of thesis 4.9
+    from hil.jobs import ConvTrainSettings, train_conv_job
 
     _check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     split = load_images(args.dataset, args.data_dir)
+    settings = ConvTrainSettings(noise=args.noise, epochs=args.epochs, lr=args.lr,
+                                 batch_size=args.batch_size, weight_decay=args.weight_decay,
+                                 seed=args.seed, noisy_repeats=args.noisy_repeats,
+                                 noisy_repeats_all=args.noisy_repeats_all, eval_noise=args.eval_noise,
+                                 data_dir=args.data_dir)
     run = RunFolder.create("conv-train", name=args.dataset)
     print(f"run folder: {run}")
     config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "what")}
-    run.write_config({"dataset": split.name, "levels": split.levels, "image_size": split.image_size,
-                      "n_train": len(split.y_train), "n_test": len(split.y_test), "optimizer": "adam",
-                      **config})
 
-    def progress(rec: dict[str, Any]) -> None:
-        run.append_metrics(rec)
+    def on_epoch(rec: dict[str, Any]) -> None:
         print(f"epoch {rec['epoch']:3d}/{args.epochs}: loss {rec['train_loss']:.4f}, train "
               f"{100 * rec['train_acc']:.2f} %, test clean {100 * rec['test_acc']:.2f} %, noisy "
               f"{100 * rec['test_acc_noisy']:.2f} % ({rec['seconds']:.1f} s)", flush=True)
 
-    model, history = train_conv(split, noise=args.noise, epochs=args.epochs, lr=args.lr,
-                                batch_size=args.batch_size, seed=args.seed, weight_decay=args.weight_decay,
-                                progress=progress)
-    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
-    meta = {"dataset": split.name, "data_dir": data_dir, "levels": split.levels, "noise": args.noise,
-            "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-            "class_names": split.class_names}
-    save_model(run.file("model.pt"), model, meta)
-    kernels_file(model, run.file("kernels.json"), meta={"dataset": split.name, "noise": args.noise,
-                                                        "seed": args.seed, "run_folder": str(run)})
-
-    x, y = split.x_test, split.y_test
-    eval_noise = args.noise if args.noise > 0 else args.eval_noise
-    results: dict[str, Any] = {"eval_noise": eval_noise}
-    for label, sl in (("all", slice(None)), (f"first{FIRST_N}", slice(0, FIRST_N))):
-        repeats = args.noisy_repeats if label != "all" else args.noisy_repeats_all
-        clean = evaluate(model, x[sl], y[sl])
-        noisy = evaluate(model, x[sl], y[sl], noise=eval_noise, repeats=repeats, seed=args.seed + 2)
-        results[label] = {
-            "n": clean["n"], "clean_acc": clean["accuracy"], "noisy_acc": noisy["accuracy"],
-            "noisy_majority_acc": noisy["majority_accuracy"], "noisy_passes_per_image": noisy["passes"],
-            "confusion_clean": confusion_matrix(y[sl], clean["predictions"], split.n_classes).tolist(),
-            "confusion_noisy_majority": confusion_matrix(y[sl], noisy["predictions"],
-                                                         split.n_classes).tolist()}
-    results["kernels"] = model.kernels().tolist()
-    results["bias"] = model.bias.detach().tolist()
-    results["class_names"] = list(split.class_names)
-    run.write_json("final.json", results)
-    _plot_training(history, run.file("training.png"), f"{split.name}, n_l = {args.noise:g}")
-    _plot_kernels(model.kernels(), run.file("kernels.png"))
-    a, f = results["all"], results[f"first{FIRST_N}"]
-    print(f"test ({a['n']} images): clean {100 * a['clean_acc']:.2f} %, noisy (n_l {eval_noise:g}, "
+    res = train_conv_job(split, settings, run, config=config, on_epoch=on_epoch)
+    a, f = res.results["all"], res.results[f"first{FIRST_N}"]
+    print(f"test ({a['n']} images): clean {100 * a['clean_acc']:.2f} %, noisy (n_l {res.eval_noise:g}, "
           f"{a['noisy_passes_per_image']} passes) {100 * a['noisy_acc']:.2f} %")
     print(f"first {f['n']} test images: clean {100 * f['clean_acc']:.2f} %, noisy "
           f"({f['noisy_passes_per_image']} passes) {100 * f['noisy_acc']:.2f} %, noisy majority vote "
           f"{100 * f['noisy_majority_acc']:.2f} %")
-    print(f"kernels for hil chain design --weights: {run.file('kernels.json')}")
+    print(f"kernels for hil chain design --weights: {res.kernels_file}")
     return 0
-
-
-def _plot_training(history: list[dict[str, Any]], path: Any, title: str) -> None:
-    from hil.plots import plt
-
-    ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.plot(ep, [h["train_loss"] for h in history], "o-")
-    a.set(xlabel="epoch", ylabel="training loss (with noise)", title=title)
-    for key, lab in (("train_acc", "train, clean"), ("test_acc", "test, clean"),
-                     ("test_acc_noisy", "test, noisy")):
-        b.plot(ep, [100 * h[key] for h in history], "o-", label=lab)
-    b.set(xlabel="epoch", ylabel="accuracy (%)")
-    b.legend()
-    fig.tight_layout()
-    _save_figure(fig, path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_kernels(kernels: np.ndarray, path: Any) -> None:
-    """The 2x2 kernels as images (thesis Fig. 4.2a), one shared symmetric colour scale."""
-    from hil.plots import plt
-
-    vmax = float(np.abs(kernels).max()) or 1.0
-    fig, axes = plt.subplots(1, len(kernels), figsize=(3.2 * len(kernels), 3.2))
-    for k, ax in enumerate(np.atleast_1d(axes)):
-        w = kernels[k].reshape(2, 2)
-        im = ax.imshow(w, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-        for (r, c), v in np.ndenumerate(w):
-            ax.text(c, r, f"{v:+.3f}\nf{2 * r + c}", ha="center", va="center", fontsize=9,
-                    color="white" if abs(v) > 0.6 * vmax else "black")
-        ax.set(title=f"kernel {k}", xticks=[0, 1], yticks=[0, 1])
-    fig.colorbar(im, ax=list(np.atleast_1d(axes)), shrink=0.8, label="weight")
-    _save_figure(fig, path, dpi=100)
-    plt.close(fig)
 
 
 def _chain_map(text: str | None, what: str) -> dict[str, int] | None:

@@ -153,6 +153,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--device", "device settings need --backend", "command line")
     if getattr(args, "in_the_loop", False):
         return _run_in_the_loop(args, cfg)
+    if backend:  # the upload after training: its settings are checked before training starts
+        from hil.chip.backends import check_backend
+        from hil.config import TASKS
+
+        n_in = TASKS[cfg.task.name].shape(cfg.task, cfg.train)[0]
+        check_backend(backend, cfg.model, n_in, args.device)
     if ckpt is not None:
         from pathlib import Path
 

@@ -1,3 +1,4 @@
-"""The hybrid convolutional network of thesis chapter 4: the network, its image data, the end-to-
-end deployment on a bench and its report.
+"""The hybrid convolutional network of thesis chapter 4: the network (network.py), its image data
+(images.py), its training job (jobs.py), the end-to-end deployment on a bench, step by step
+(hybrid.py), and its report (report.py).
 """
