@@ -256,6 +256,8 @@ def design_chain_set(model: ReferenceModel, freq_hz: Sequence[float],
 
 @dataclass(frozen=True)
 class ChainDesignResult:
+    """Algorithm 1's chain designs, the file they are saved in, their figure, the lab time."""
+
     designs: list[Any]
     design_file: Path
     figure: Path
@@ -304,6 +306,9 @@ class ChainMeasureSettings:
 
 @dataclass(frozen=True)
 class ChainMeasureResult:
+    """Each chain's measured weights against its design (rows and the printed table), the mean
+    absolute weight error per chain in percent, the figure and the lab time."""
+
     rows: list[dict[str, Any]]
     table: str
     mean_abs_dw_pct: dict[str, float]
@@ -383,6 +388,9 @@ class PositionSettings:
 
 @dataclass(frozen=True)
 class PositionResult:
+    """Each chain's optimum position in the field gradient (Algorithm 2), the figure and the lab
+    time."""
+
     chains: dict[str, Any]
     figure: Path | None
     lab_time: dict[str, Any]
@@ -500,7 +508,10 @@ def position_job(lab_path: str | Path, designs: list[Any], model: ReferenceModel
 
 
 @dataclass(frozen=True)
-class SourceResult:
+class CalibrationResult:
+    """A fitted calibration (RF source, field probe), the file it is saved in, its figure and
+    the lab time the measurement took."""
+
     calibration: Any
     calibration_file: Path
     figure: Path
@@ -508,7 +519,7 @@ class SourceResult:
 
 
 def source_job(lab_path: str | Path, channels: Mapping[int, float], run: RunFolder, *,
-               amplifier_role: str = "vco_amp", record: bool = True, log: Log = print) -> SourceResult:
+               amplifier_role: str = "vco_amp", record: bool = True, log: Log = print) -> CalibrationResult:
     """Calibrate the multi-channel source (thesis 4.5.2) at each channel's operating frequency
     (``channels``: channel -> Hz): ``source_calibration.json`` and ``source_calibration.png``."""
     from calibration.source import SourceWiring, calibrate_source
@@ -523,22 +534,14 @@ def source_job(lab_path: str | Path, channels: Mapping[int, float], run: RunFold
     figure = run.file("source_calibration.png")
     source_calibration(cal, figure)
     lab_time = record_lab_time(run, "source calibrate", lab_time_s)
-    return SourceResult(cal, path, figure, lab_time)
+    return CalibrationResult(cal, path, figure, lab_time)
 
 
 # --------------------------------------------------------------------------- field probe
 
 
-@dataclass(frozen=True)
-class FieldResult:
-    calibration: Any
-    calibration_file: Path
-    figure: Path
-    lab_time: dict[str, Any]
-
-
 def field_job(lab_path: str | Path, plan: Any, run: RunFolder, *, accuracy_frac: float,
-              zero_uncertainty_oe: float, record: bool = True) -> FieldResult:
+              zero_uncertainty_oe: float, record: bool = True) -> CalibrationResult:
     """Hall-probe scan through the gradient (a checked ``calibration.field.FieldScanPlan``):
     the gradient and the field zero, measured; ``field_profile.csv``,
     ``field_calibration.json`` and ``field_profile.png``."""
@@ -553,7 +556,7 @@ def field_job(lab_path: str | Path, plan: Any, run: RunFolder, *, accuracy_frac:
     figure = run.file("field_profile.png")
     plot_field(cal, figure)
     lab_time = record_lab_time(run, "calibrate field", cal.lab_time_s)
-    return FieldResult(cal, path, figure, lab_time)
+    return CalibrationResult(cal, path, figure, lab_time)
 
 
 def plot_field(cal: Any, path: Path) -> None:

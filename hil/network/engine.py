@@ -228,12 +228,9 @@ def scan_reference(
     for t in range(T):
         for _ in range(dyn.substeps):
             new_x, new_y = [], []
+            d = drives(t, ys)
             for li, sl in enumerate(layer_slices):
-                drive = C[:, :, t, sl]
-                for m in range(L):
-                    w = Wr_blocks[li][m]
-                    if w is not None:
-                        drive = drive + torch.bmm(ys[m], w)
+                drive = d[li]
                 gam = dyn.gamma[..., sl]
                 x = xs[li]
                 if dyn.q is not None and dyn.kind == "spintronic":
