@@ -26,7 +26,7 @@ from typing import Any
 
 __all__ = [
     "ConfigError", "apply_mapping", "check_choice", "check_choices", "check_keys", "choices",
-    "coerce", "complete_mapping", "describe", "field_types", "yaml_number_hint",
+    "coerce", "complete_mapping", "deep_merge", "describe", "field_types", "yaml_number_hint",
 ]
 
 
@@ -337,17 +337,22 @@ def complete_mapping(given: Any, defaults: Mapping[str, Any], prefix: str = "",
         raise ConfigError(prefix or "(top level)", f"must be a mapping, got "
                           f"{type(given).__name__}", source)
     check_keys(given, defaults, prefix, source, removed=removed, renamed=renamed)
-    out = dict((merge or _merge)(defaults, given))
+    out = dict((merge or deep_merge)(defaults, given))
     for name, default in defaults.items():
         if isinstance(default, float):
             out[name] = coerce(out[name], float, _join(prefix, name), source)
     return out
 
 
-def _merge(base: Any, over: Any) -> Any:
+def deep_merge(base: Any, over: Any, replace_key: str | None = None) -> Any:
+    """``over`` merged into a copy of ``base``: mappings merge key by key, the rest replaces;
+    with ``replace_key``, a mapping of ``over`` marked ``{replace_key: true}`` replaces too."""
+    if replace_key is not None and isinstance(over, Mapping) and over.get(replace_key) is True:
+        return {k: copy.deepcopy(v) for k, v in over.items() if k != replace_key}
     if isinstance(base, Mapping) and isinstance(over, Mapping):
         out = {k: copy.deepcopy(v) for k, v in base.items()}
         for key, value in over.items():
-            out[key] = _merge(out[key], value) if key in out else copy.deepcopy(value)
+            out[key] = (deep_merge(out[key], value, replace_key) if key in out
+                        else copy.deepcopy(value))
         return out
     return copy.deepcopy(over)

@@ -17,7 +17,6 @@ fall back to a default. The defaults are the documented physics choices (see
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import yaml
 
 from sims.schema import ConfigError, complete_mapping
+from sims.schema import deep_merge as schema_deep_merge
 
 #: Sections with fixed keys, and their defaults.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -152,14 +152,7 @@ REPLACE = "__replace__"
 def deep_merge(base: Any, over: Any) -> Any:
     """``over`` merged into a copy of ``base``: mappings merge key by key, the rest replaces
     (and so does a mapping marked ``__replace__: true``)."""
-    if isinstance(over, Mapping) and over.get(REPLACE) is True:
-        return {k: copy.deepcopy(v) for k, v in over.items() if k != REPLACE}
-    if isinstance(base, Mapping) and isinstance(over, Mapping):
-        out = {k: copy.deepcopy(v) for k, v in base.items()}
-        for key, value in over.items():
-            out[key] = deep_merge(out[key], value) if key in out else copy.deepcopy(value)
-        return out
-    return copy.deepcopy(over)
+    return schema_deep_merge(base, over, REPLACE)
 
 
 def _read(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
