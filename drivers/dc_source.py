@@ -139,31 +139,33 @@ class HMP4040Channel:
         """Make this channel the target of the following channel commands."""
         self.supply.set(f"INST:NSEL {self.number}")
 
-    def _checked(self, limit: str, value: float) -> float:
-        return self.supply.limits[limit].check(f"{limit} (channel {self.number})", value,
-                                               instrument=self.supply.describe())
+    def _set_checked(self, limit: str, header: str, value: float) -> None:
+        """``header value`` (3 decimals) to this channel, ``value`` checked against ``limit``
+        before anything is sent."""
+        checked = self.supply.limits[limit].check(f"{limit} (channel {self.number})", value,
+                                                  instrument=self.supply.describe())
+        self.select()
+        self.supply.set(f"{header} {checked:.3f}")
+
+    def _query_float(self, query: str) -> float:
+        self.select()
+        return self.supply.query_float(query)
 
     def set_voltage_v(self, voltage_v: float) -> None:
         """Voltage setpoint (1 mV resolution), checked before anything is sent."""
-        value = self._checked("voltage_v", voltage_v)
-        self.select()
-        self.supply.set(f"VOLT {value:.3f}")
+        self._set_checked("voltage_v", "VOLT", voltage_v)
 
     def voltage_v(self) -> float:
         """Voltage setpoint as the supply reads it back."""
-        self.select()
-        return self.supply.query_float("VOLT?")
+        return self._query_float("VOLT?")
 
     def set_current_a(self, current_a: float) -> None:
         """Current limit (1 mA resolution), checked before anything is sent."""
-        value = self._checked("current_a", current_a)
-        self.select()
-        self.supply.set(f"CURR {value:.3f}")
+        self._set_checked("current_a", "CURR", current_a)
 
     def current_a(self) -> float:
         """Current limit as the supply reads it back."""
-        self.select()
-        return self.supply.query_float("CURR?")
+        return self._query_float("CURR?")
 
     def set_output(self, enabled: bool) -> None:
         """Switch this channel's output on or off (the master ``OUTP:GEN`` is not touched)."""
@@ -186,13 +188,11 @@ class HMP4040Channel:
 
     def measure_voltage_v(self) -> float:
         """Voltage measured at the output terminals."""
-        self.select()
-        return self.supply.query_float("MEAS:VOLT?")
+        return self._query_float("MEAS:VOLT?")
 
     def measure_current_a(self) -> float:
         """Current measured through the output."""
-        self.select()
-        return self.supply.query_float("MEAS:CURR?")
+        return self._query_float("MEAS:CURR?")
 
 
 class RohdeSchwarzHMP4040(ScpiInstrument):

@@ -490,8 +490,7 @@ def _sim(arg: str | None, model: ModelConfig, n_in: int, input_centre: float, se
 
 def _model(arg: str | None, model: ModelConfig, n_in: int, input_centre: float, seed: int,
            device: Mapping[str, Any] | Sequence[str] | None) -> Backend:
-    if device:
-        raise ConfigError("--device", "the model backend has no device settings")
+    _check_model(arg, model, n_in, device)
     return ModelBackend(model, n_in, input_centre, seed)
 
 
@@ -508,17 +507,25 @@ BACKENDS: dict[str, BackendFactory] = {"sim": _sim, "model": _model}
 PARAMETRISED_BACKENDS: dict[str, BackendFactory] = {LAB_PREFIX.rstrip(":"): _lab}
 
 
+def _backend_key(name: str) -> tuple[str, str | None]:
+    """``(registry key, argument)`` of a backend name (``sim`` -> ``("sim", None)``,
+    ``lab:x.yaml`` -> ``("lab", "x.yaml")``), or the ConfigError listing the allowed names."""
+    head, sep, arg = name.partition(":")
+    if sep and arg and head in PARAMETRISED_BACKENDS:
+        return head, arg
+    if not sep and name in BACKENDS:
+        return name, None
+    allowed = [*BACKENDS, *(f"{k}:<lab config>" for k in PARAMETRISED_BACKENDS)]
+    raise ConfigError("--backend", f"unknown backend {name!r}; allowed: {', '.join(allowed)}")
+
+
 def make_backend(name: str, model: ModelConfig, n_in: int, input_centre: float, seed: int,
                  device: Mapping[str, Any] | Sequence[str] | None = None) -> Backend:
     """Build backend ``name`` (a key of :data:`BACKENDS`, or ``NAME:ARG`` for one of
     :data:`PARAMETRISED_BACKENDS`) for a model config; ``seed`` draws the simulated chip."""
-    head, sep, arg = name.partition(":")
-    if sep and arg and head in PARAMETRISED_BACKENDS:
-        return PARAMETRISED_BACKENDS[head](arg, model, n_in, input_centre, seed, device)
-    if not sep and name in BACKENDS:
-        return BACKENDS[name](None, model, n_in, input_centre, seed, device)
-    allowed = [*BACKENDS, *(f"{k}:<lab config>" for k in PARAMETRISED_BACKENDS)]
-    raise ConfigError("--backend", f"unknown backend {name!r}; allowed: {', '.join(allowed)}")
+    key, arg = _backend_key(name)
+    factory = BACKENDS[key] if arg is None else PARAMETRISED_BACKENDS[key]
+    return factory(arg, model, n_in, input_centre, seed, device)
 
 
 def _check_chip(arg: str | None, model: ModelConfig, n_in: int,
@@ -551,12 +558,8 @@ def check_backend(name: str, model: ModelConfig, n_in: int,
     """Refuse what :func:`make_backend` would refuse (an unknown name, bad device settings, a
     missing or invalid lab config) without building anything: called before training, so a
     mistake costs no training or device time."""
-    head, sep, arg = name.partition(":")
-    known = (sep and arg and head in PARAMETRISED_BACKENDS) or (not sep and name in BACKENDS)
-    if not known:
-        allowed = [*BACKENDS, *(f"{k}:<lab config>" for k in PARAMETRISED_BACKENDS)]
-        raise ConfigError("--backend", f"unknown backend {name!r}; allowed: {', '.join(allowed)}")
-    BACKEND_CHECKS[head if sep else name](arg or None, model, n_in, device)
+    key, arg = _backend_key(name)
+    BACKEND_CHECKS[key](arg, model, n_in, device)
 
 
 def layers_from_tensors(W_in: torch.Tensor, W_rec: torch.Tensor, bias: torch.Tensor, n_layers: int,
