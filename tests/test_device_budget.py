@@ -245,11 +245,49 @@ def test_cli_budget_study_writes_table_plot_and_curves(runs_dir, capsys):
     assert dt["offchip"] < dt["twin:every=2"] < dt["physics"] < dt["spsa:c=0.02,n=1"]
 
 
+def test_budget_study_trains_off_chip_hardware_aware_and_calibrates_as_asked(runs_dir, mocker):
+    """The run's ``hardware:`` section reaches every off-chip trainer of the study (the ideal
+    training and the fine-tuning on the calibrated twin; it was ignored before), and
+    ``--calibration-writes``/``--calibration-repeats`` reach the twin's calibration: one upload
+    per probe level instead of eight costs less device time."""
+    from hil.chip import budget_study as bs
+    from hil.training.train import Trainer
+
+    spy_trainer = mocker.spy(Trainer, "__init__")
+    spy_cal = mocker.spy(bs, "calibrate")
+    tiny = ["study", "budget", "--preset", "digits", "--seeds", "0", "--epochs", "1",
+            "--set", "model.n_hidden=4", "--set", "model.n_layers=2", "--set", "train.batch_size=450",
+            "--set", "hardware.readout_noise=0.01", "--set", "hardware.weight_bits=6",
+            "--no-progress", "--threads", "1", "--finetune-epochs", "1", "--estimators", "offchip"]
+    times = {}
+    for writes in (8, 1):
+        assert main([*tiny, "--calibration-writes", str(writes), "--calibration-repeats", "64",
+                     "--name", f"w{writes}"]) == 0
+        folder = next(p for p in runs_dir.iterdir() if p.name.endswith(f"w{writes}"))
+        s = json.loads((folder / "budget_study.json").read_text())
+        assert s["calibration"] == {"writes": writes, "repeats": 64}
+        times[writes] = s["table"][0]["device_time_s"]["median"]
+    assert spy_cal.call_count == 2
+    assert [c.kwargs for c in spy_cal.call_args_list] == [{"writes": 8, "repeats": 64},
+                                                          {"writes": 1, "repeats": 64}]
+    hws = [c.kwargs.get("hardware") for c in spy_trainer.call_args_list]
+    assert len(hws) == 4  # per study: the ideal training and the off-chip fine-tuning
+    assert all(hw is not None and hw.readout_noise == 0.01 and hw.weight_bits == 6 for hw in hws)
+    # the calibration's writes dominate the off-chip method's device time: 3 levels x 7 writes
+    # fewer, each an upload and a run call (the runs themselves take microseconds)
+    from sims.oscillator_device import DeviceConfig
+
+    per_write = DeviceConfig().program_overhead_s + DeviceConfig().call_overhead_s
+    assert times[8] - times[1] == pytest.approx(3 * 7 * per_write, rel=0.01)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--estimators", "offchip", "--twin", "nominal"], "offchip fine-tunes on the calibrated twin"),
     (["--estimators", "physics,physics"], "listed twice"),
     (["--estimators", "nope"], "unknown estimator 'nope'"),
     (["--level", "7"], "--level"),
+    (["--calibration-writes", "0"], "--calibration-writes: must be >= 1"),
+    (["--calibration-repeats", "-3"], "--calibration-repeats: must be >= 1"),
 ])
 def test_cli_budget_study_errors(runs_dir, capsys, args, words):
     assert main(["study", "budget", "--epochs", "1", "--no-progress", *args]) == 2

@@ -7,7 +7,7 @@ import pytest
 from hil.chip.backends import make_backend
 from hil.chip.study import METHODS, mismatch_study, sim_to_real_report, upload_and_evaluate
 from hil.cli import main
-from hil.config import ModelConfig, RunConfig, TaskConfig, TrainConfig
+from hil.config import HardwareConfig, ModelConfig, RunConfig, TaskConfig, TrainConfig
 from hil.network.tasks import SequentialDigits
 from hil.runs import RunFolder
 from hil.training.train import Trainer
@@ -54,13 +54,19 @@ def test_sim_to_real_report_writes_numbers_and_plots(digits, trained, tmp_path):
     assert row["gap"] == pytest.approx(row["model_accuracy"] - row["device_accuracy"])
 
 
-def test_mismatch_study_writes_table_and_plot(tmp_path):
+def test_mismatch_study_writes_table_and_plot(tmp_path, mocker):
     cfg = RunConfig(model=ModelConfig(n_layers=2, n_hidden=4, tau_ns=5.0, S=1.0, S_in=2.5, b_in=0.4,
                                       w_clip_dt=0.9, b_clip_dt=0.2),
-                    train=TrainConfig(epochs=1, batch_size=450, lr0=0.02), seeds=[0])
+                    train=TrainConfig(epochs=1, batch_size=450, lr0=0.02), seeds=[0],
+                    hardware=HardwareConfig(readout_noise=0.01))
     folder = RunFolder(tmp_path / "s")
+    spy = mocker.spy(Trainer, "__init__")
     s = mismatch_study(cfg, [0.0, 0.3], folder, finetune_epochs=1, progress=False,
                        calibration={"repeats": 16, "writes": 2})
+    # the run's hardware section reaches the off-chip trainers: the ideal one and the fine-tuning
+    # on each level's calibrated twin (the chip-in-the-loop trainers meet the chip's own noise)
+    off = [c.kwargs for c in spy.call_args_list if "off-chip" in c.kwargs.get("label", "")]
+    assert len(off) == 3 and all(kw["hardware"] is cfg.hardware for kw in off)
     for name in ("mismatch_study.json", "mismatch_study.csv", "mismatch_study.md", "mismatch_study.png",
                  "metrics.jsonl", "calibration.jsonl"):
         assert (tmp_path / "s" / name).is_file(), name

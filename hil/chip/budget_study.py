@@ -99,6 +99,7 @@ def budget_study(
     within: float = 0.01,
     init_state: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the study (module docstring); write ``budget_study.json``, ``.csv``, ``.md``, ``.png``."""
     from hil.chip.chip_in_loop import ChipInTheLoopTrainer, TwinTrainer, load_parameters
@@ -117,7 +118,8 @@ def budget_study(
     K = len(cfg.seeds)
 
     ideal = Trainer(
-        [cfg.model] * K, [cfg.train] * K, cfg.seeds, task, progress=progress, label="ideal off-chip"
+        [cfg.model] * K, [cfg.train] * K, cfg.seeds, task, progress=progress, label="ideal off-chip",
+        hardware=cfg.hardware,
     )
     if init_state is not None:
         load_parameters(ideal.net, init_state)
@@ -146,7 +148,11 @@ def budget_study(
         ]
         pts: list[dict[str, Any]] = []
         try:
-            twins = [calibrate(be, cfg.model) for be in backends] if twin == "calibrated" else None
+            twins = (
+                [calibrate(be, cfg.model, **(calibration or {})) for be in backends]
+                if twin == "calibrated"
+                else None
+            )
             if spec in METHODS:
                 res = TwinTrainer(
                     [cfg.model] * K,
@@ -157,6 +163,7 @@ def budget_study(
                     init=ideal_state,
                     progress=progress,
                     label=f"{spec}",
+                    hardware=cfg.hardware,
                 ).fit()
                 rows = []
                 for k, be in enumerate(backends):
@@ -262,6 +269,7 @@ def budget_study(
         "finetune_epochs": finetune_epochs,
         "loop_lr": loop_lr,
         "finetune_lr": ft_off.lr0,
+        "calibration": dict(calibration or {}),
         "curve_every": curve_every,
         "within_points": 100 * within,
         "ideal": summarize(ideal_acc),

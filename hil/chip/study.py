@@ -360,7 +360,7 @@ def mismatch_study(cfg: RunConfig, levels: Sequence[float], folder: RunFolder, f
     K = len(cfg.seeds)
     metric = task.metric_name
     ideal = Trainer([cfg.model] * K, [cfg.train] * K, cfg.seeds, task, progress=progress,
-                    label="ideal off-chip").fit()
+                    label="ideal off-chip", hardware=cfg.hardware).fit()
     net = ideal.net
     ideal_state = {k: v.clone() for k, v in net.state_dict().items()}
     ideal_acc = [evaluate_model(net, k, task)["metric"] for k in range(K)]
@@ -407,7 +407,8 @@ def mismatch_study(cfg: RunConfig, levels: Sequence[float], folder: RunFolder, f
                                            "unidentified": tp.meta["unidentified"]}, "calibration.jsonl")
             if "calibrated_offchip" in methods:
                 res = TwinTrainer([cfg.model] * K, [ft] * K, cfg.seeds, task, twins=twins, init=ideal_state,
-                                  progress=progress, label=f"cv {lv:.2f} off-chip on calibrated twin").fit()
+                                  progress=progress, label=f"cv {lv:.2f} off-chip on calibrated twin",
+                                  hardware=cfg.hardware).fit()
                 for k, be in enumerate(backends):
                     record(lv, "calibrated_offchip", k, evaluate_on_backend(res.net, k, be, task)["metric"],
                            twin_model=res.final[k][f"test_{metric}"])

@@ -36,8 +36,25 @@ def register(sub: Any) -> None:
                    "noise, offsets, mismatch): measurements per noisy figure; 0 skips it (default 2)")
     m.add_argument("--device", action="append", default=[], metavar="KEY=VALUE",
                    help="other simulated-chip settings, e.g. --device thermal_d_ghz=0.01 (repeatable)")
+    m.add_argument("--calibration-writes", type=int, default=8, metavar="N",
+                   help="twin calibration: uploads averaged per probe level, against write errors; "
+                   "each upload costs the chip's programming time (default 8)")
+    m.add_argument("--calibration-repeats", type=int, default=512, metavar="N",
+                   help="twin calibration: repeated runs averaged per upload, against noise (default 512)")
     m.set_defaults(func=run_mismatch)
     register_budget(ssub)
+
+
+def calibration_settings(args: argparse.Namespace) -> dict[str, int]:
+    """``--calibration-writes`` and ``--calibration-repeats`` as :func:`hil.chip.twin.calibrate`'s
+    keywords, refused before any folder or chip when not positive."""
+    from hil.errors import ConfigError
+
+    out = {"writes": args.calibration_writes, "repeats": args.calibration_repeats}
+    for key, v in out.items():
+        if v < 1:
+            raise ConfigError(f"--calibration-{key}", f"must be >= 1, got {v}", "command line")
+    return out
 
 
 def run_mismatch(args: argparse.Namespace) -> int:
@@ -62,7 +79,8 @@ def run_mismatch(args: argparse.Namespace) -> int:
     s = mismatch_study(cfg, levels, folder, finetune_epochs=args.finetune_epochs,
                        finetune_lr=args.finetune_lr, loop_lr=args.loop_lr,
                        methods=methods, device=parse_device_overrides(args.device),
-                       progress=not args.no_progress, budget_repeats=args.budget_repeats)
+                       progress=not args.no_progress, budget_repeats=args.budget_repeats,
+                       calibration=calibration_settings(args))
     print()
     print(folder.file("mismatch_study.md").read_text())
     print(f"{s['seconds']:.0f} s")
@@ -98,6 +116,11 @@ def register_budget(ssub: Any) -> None:
                    help="take the ideal weights from this trained run (same seeds) instead of training")
     b.add_argument("--device", action="append", default=[], metavar="KEY=VALUE",
                    help="other simulated-chip settings (repeatable)")
+    b.add_argument("--calibration-writes", type=int, default=8, metavar="N",
+                   help="twin calibration: uploads averaged per probe level, against write errors; "
+                   "each upload costs the chip's programming time (default 8)")
+    b.add_argument("--calibration-repeats", type=int, default=512, metavar="N",
+                   help="twin calibration: repeated runs averaged per upload, against noise (default 512)")
     b.set_defaults(func=run_budget)
 
 
@@ -118,6 +141,7 @@ def run_budget(args: argparse.Namespace) -> int:
     from hil.chip.budget_study import check_settings
 
     check_settings(specs, args.twin, args.finetune_epochs, args.curve_every, args.level)
+    calibration = calibration_settings(args)
     init_state = None
     if args.init:
         p = Path(args.init)
@@ -131,7 +155,8 @@ def run_budget(args: argparse.Namespace) -> int:
     s = budget_study(cfg, folder, specs, level=args.level, backend=args.backend,
                      device=parse_device_overrides(args.device), twin=args.twin,
                      finetune_epochs=args.finetune_epochs, loop_lr=args.loop_lr, finetune_lr=args.finetune_lr,
-                     curve_every=args.curve_every, init_state=init_state, progress=not args.no_progress)
+                     curve_every=args.curve_every, init_state=init_state, progress=not args.no_progress,
+                     calibration=calibration)
     print()
     print(folder.file("budget_study.md").read_text())
     print(f"{s['seconds']:.0f} s")
