@@ -52,11 +52,24 @@ TESTS_FOR: dict[str, list[str]] = {
     # module on 2 cores): the synthetic-truth tests cover the same functions in about a second
     "calibration/reference.py": ["tests/test_calibration_routines.py::test_rf_is_off_after_an_error",
                                  "tests/test_mutation_calibration_reference.py"],
-    "calibration/chain.py": ["tests/test_calibration_routines.py", "tests/test_mutation_calibration_chain.py"],
-    "hil/chip/twin.py": ["tests/test_twin.py", "tests/test_twin_presets.py", "tests/test_mutation_twin.py"],
+    # test_calibration_routines.py measures a reference map on the virtual lab (~5 s fixture) and
+    # designs / places chains on it (~6-8 s a test): ~30 s a mutant; its two fast tests stay
+    "calibration/chain.py": ["tests/test_calibration_routines.py::test_extract_weights_and_table",
+                             "tests/test_calibration_routines.py::test_rf_is_off_after_an_error",
+                             "tests/test_mutation_calibration_chain.py"],
+    # the three calibrations at default noise (test_twin.py, test_twin_presets.py) take ~4 s each;
+    # the noiseless and synthetic-truth tests cover the same functions in a fraction of that
+    "hil/chip/twin.py": ["tests/test_twin.py::test_logistic_response_solves_the_oscillator_equation",
+                         "tests/test_twin.py::test_the_twin_with_the_chips_true_values_reproduces_the_chip",
+                         "tests/test_twin.py::test_calibration_is_exact_without_noise",
+                         "tests/test_twin.py::test_calibration_needs_states_and_the_oscillator_equation",
+                         "tests/test_twin.py::test_program_and_verify_corrects_static_programming_errors",
+                         "tests/test_twin.py::test_monitor_recalibrates_only_when_the_chip_has_changed",
+                         "tests/test_twin_presets.py::test_calibration_is_exact_on_a_noiseless_chip_at_the_presets_values",
+                         "tests/test_mutation_twin.py"],
     "hil/training/train.py": ["tests/test_safeguards.py", "tests/test_mutation_train.py"],
-    "calibration/position.py": ["tests/test_calibration_routines.py",
-                                "tests/test_mutation_calibration_position.py"],
+    # only test_calibration_routines.py's virtual-lab test (~8 s + the ~5 s map fixture) reaches it
+    "calibration/position.py": ["tests/test_mutation_calibration_position.py"],
     "calibration/mac.py": ["tests/test_mac.py", "tests/test_mutation_calibration_mac.py"],
     "hil/network/engine.py": ["tests/test_engine.py"],
 }
