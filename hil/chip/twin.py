@@ -47,6 +47,8 @@ from hil.network.model import DynamicalNetwork, State
 from sims.neurons import rest_state
 
 DEFAULT_LEVELS = (-1.0, 0.0, 1.0)  # bias probe levels, fractions of b_max (on any symmetric grid)
+DEFAULT_REPEATS = 512  # runs averaged per upload, against noise
+DEFAULT_WRITES = 8  # uploads averaged per probe level, against write errors
 
 
 @dataclass
@@ -124,8 +126,9 @@ def _zero_layers(spec, bias: float) -> list[dict[str, np.ndarray]]:
              "b": np.full(N, bias)} for li in range(spec.n_layers)]
 
 
-def step_responses(backend: Backend, levels: tuple[float, ...] = DEFAULT_LEVELS, repeats: int = 512,
-                   n_points: int = 60, writes: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def step_responses(backend: Backend, levels: tuple[float, ...] = DEFAULT_LEVELS,
+                   repeats: int = DEFAULT_REPEATS, n_points: int = 60, writes: int = DEFAULT_WRITES
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Measure every oscillator's response to bias steps: ``(biases (J,), mean states (J, T, M))``.
 
     All weights are zero, so each oscillator is driven only by its bias; ``levels`` are
@@ -243,7 +246,8 @@ def fit_step_responses(biases: np.ndarray, means: np.ndarray, cfg: ModelConfig, 
 
 
 def calibrate(backend: Backend, cfg: ModelConfig, levels: tuple[float, ...] = DEFAULT_LEVELS,
-              repeats: int = 512, n_points: int = 60, writes: int = 8) -> TwinParameters:
+              repeats: int = DEFAULT_REPEATS, n_points: int = 60,
+              writes: int = DEFAULT_WRITES) -> TwinParameters:
     """Identify a chip's per-oscillator ``gamma_i``, ``sigma_i`` and offsets from step responses.
 
     Leaves the probe weights on the chip: upload the network's parameters again afterwards."""

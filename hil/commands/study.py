@@ -36,21 +36,29 @@ def register(sub: Any) -> None:
                    "noise, offsets, mismatch): measurements per noisy figure; 0 skips it (default 2)")
     m.add_argument("--device", action="append", default=[], metavar="KEY=VALUE",
                    help="other simulated-chip settings, e.g. --device thermal_d_ghz=0.01 (repeatable)")
-    m.add_argument("--calibration-writes", type=int, default=8, metavar="N",
-                   help="twin calibration: uploads averaged per probe level, against write errors; "
-                   "each upload costs the chip's programming time (default 8)")
-    m.add_argument("--calibration-repeats", type=int, default=512, metavar="N",
-                   help="twin calibration: repeated runs averaged per upload, against noise (default 512)")
+    add_calibration_args(m)
     m.set_defaults(func=run_mismatch)
     register_budget(ssub)
 
 
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+    """The twin calibration's settings, shared by the studies (defaults: hil.chip.twin's
+    DEFAULT_WRITES and DEFAULT_REPEATS, read when the command runs, not at start-up)."""
+    p.add_argument("--calibration-writes", type=int, default=None, metavar="N",
+                   help="twin calibration: uploads averaged per probe level, against write errors; "
+                   "each upload costs the chip's programming time (default 8)")
+    p.add_argument("--calibration-repeats", type=int, default=None, metavar="N",
+                   help="twin calibration: repeated runs averaged per upload, against noise (default 512)")
+
+
 def calibration_settings(args: argparse.Namespace) -> dict[str, int]:
     """``--calibration-writes`` and ``--calibration-repeats`` as :func:`hil.chip.twin.calibrate`'s
-    keywords, refused before any folder or chip when not positive."""
+    keywords (its defaults where not given), refused before any folder or chip when not positive."""
+    from hil.chip.twin import DEFAULT_REPEATS, DEFAULT_WRITES
     from hil.errors import ConfigError
 
-    out = {"writes": args.calibration_writes, "repeats": args.calibration_repeats}
+    out = {"writes": DEFAULT_WRITES if args.calibration_writes is None else args.calibration_writes,
+           "repeats": DEFAULT_REPEATS if args.calibration_repeats is None else args.calibration_repeats}
     for key, v in out.items():
         if v < 1:
             raise ConfigError(f"--calibration-{key}", f"must be >= 1, got {v}", "command line")
@@ -116,11 +124,7 @@ def register_budget(ssub: Any) -> None:
                    help="take the ideal weights from this trained run (same seeds) instead of training")
     b.add_argument("--device", action="append", default=[], metavar="KEY=VALUE",
                    help="other simulated-chip settings (repeatable)")
-    b.add_argument("--calibration-writes", type=int, default=8, metavar="N",
-                   help="twin calibration: uploads averaged per probe level, against write errors; "
-                   "each upload costs the chip's programming time (default 8)")
-    b.add_argument("--calibration-repeats", type=int, default=512, metavar="N",
-                   help="twin calibration: repeated runs averaged per upload, against noise (default 512)")
+    add_calibration_args(b)
     b.set_defaults(func=run_budget)
 
 
