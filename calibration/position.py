@@ -207,25 +207,3 @@ def track(lab: Any, design: ChainDesign, measure: Measure, calibration_inputs_mw
         if between is not None:
             between(i)
     return out
-
-
-def plot_tracking(tracks: dict[str, Tracking], path: str | Path) -> Path:
-    """Thesis Fig. 4.8: M over the inputs (optimisations dashed), then z and V_max."""
-    from matplotlib.figure import Figure  # no pyplot: the caller's matplotlib backend is left alone
-
-    fig = Figure(figsize=(8, 9))
-    a, b, c = fig.subplots(3, 1, sharex=True)
-    for name, t in tracks.items():
-        a.plot(t.input_index, t.input_m, ".-", label=name)
-        b.plot(t.optimised_at, 1e3 * (np.array(t.z_mm) - t.z_mm[0]), "o-", label=name)
-        c.plot(t.optimised_at, 1e6 * np.array(t.v_max_v), "o-", label=name)
-        for i in t.optimised_at:
-            a.axvline(i, ls="--", lw=0.5, color="gray")
-    a.set(ylabel="|V - V_max w.x| / V_max", title="metric per input (optimisations dashed)")
-    b.set(ylabel="optimal z - first (um)")
-    c.set(ylabel="V_max (uV)", xlabel="input")
-    a.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path

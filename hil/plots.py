@@ -8,11 +8,14 @@ notebook leaves its inline plots alone, and no figure is kept in pyplot's global
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hil.runs import save_figure
+
+if TYPE_CHECKING:
+    from calibration.position import Tracking
 
 
 class _Figures:
@@ -253,3 +256,24 @@ def source_calibration(cal: Any, path: Path) -> Any:
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
     return fig
+
+
+def position_tracking(tracks: dict[str, Tracking], path: str | Path) -> Path:
+    """Thesis Fig. 4.8, Algorithm 2 following drift over a long run: three panels sharing the
+    input axis, one line per chain in each. Top: the metric M per input (``input_index``,
+    ``input_m``) with a dashed grey line at each re-optimisation; middle: the optimal stage z
+    relative to the chain's first optimum, in um; bottom: V_max in uV at each optimisation.
+    ``tracks``: chain name -> ``calibration.position.Tracking``. Returns ``path``."""
+    fig, (a, b, c) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    for name, t in tracks.items():
+        a.plot(t.input_index, t.input_m, ".-", label=name)
+        b.plot(t.optimised_at, 1e3 * (np.array(t.z_mm) - t.z_mm[0]), "o-", label=name)
+        c.plot(t.optimised_at, 1e6 * np.array(t.v_max_v), "o-", label=name)
+        for i in t.optimised_at:
+            a.axvline(i, ls="--", lw=0.5, color="gray")
+    a.set(ylabel="|V - V_max w.x| / V_max", title="metric per input (optimisations dashed)")
+    b.set(ylabel="optimal z - first (um)")
+    c.set(ylabel="V_max (uV)", xlabel="input")
+    a.legend()
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=100)

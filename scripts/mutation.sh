@@ -14,9 +14,11 @@
 # (space-separated pytest ids replacing the module's selection, e.g. for a "before" run),
 # MUTATION_DEBUG=1 (mutmut's pytest commands and output), MUTATION_REPORT_ONLY=1 (report what a run
 # left in mutants/). The C++ kernel is off (HIL_NATIVE=0): none of the mutated modules need it.
-# Measured so far (scripts/mutation-report.md): drivers/base.py (~2 min), calibration/reference.py
-# (~13 min). The later modules are mapped but not yet measured; tests/test_safeguards.py and
-# tests/test_train.py take minutes each, so train.py needs a faster selection before it is useful.
+# Time per module on this project's 2-core machine (scripts/mutation-report.md has the scores):
+# drivers/base.py ~2 min, calibration/reference.py ~13 min, calibration/position.py ~4 min,
+# calibration/chain.py ~25 min, calibration/mac.py ~20 min, hil/chip/twin.py ~45 min,
+# hil/training/train.py and hil/network/engine.py longer (see the report); the engine runs only
+# when named (1779 mutants, ~3 h with one child on a shared machine).
 #
 # Why a small Python driver instead of plain `mutmut run`: mutmut 3 reads one configuration
 # (`[tool.mutmut]` in pyproject.toml) for the whole tree, while each module here needs its own
@@ -67,11 +69,52 @@ TESTS_FOR: dict[str, list[str]] = {
                          "tests/test_twin.py::test_monitor_recalibrates_only_when_the_chip_has_changed",
                          "tests/test_twin_presets.py::test_calibration_is_exact_on_a_noiseless_chip_at_the_presets_values",
                          "tests/test_mutation_twin.py"],
-    "hil/training/train.py": ["tests/test_safeguards.py", "tests/test_mutation_train.py"],
+    # test_safeguards.py (~5 s a test; its BPTT-learns tests and test_train.py's digits and
+    # two-neuron tests take minutes) is too slow per mutant: the fast test_train.py tests and
+    # the synthetic-truth tests (~7 s) cover the same safeguards
+    "hil/training/train.py": ["tests/test_train.py::test_trial_adam_matches_torch_adam",
+                              "tests/test_train.py::test_lr_schedule",
+                              "tests/test_train.py::test_summary",
+                              "tests/test_train.py::test_windows_per_epoch_limits_updates",
+                              "tests/test_train.py::test_exact_bptt_windows_start_from_the_series_state",
+                              "tests/test_train.py::test_exact_bptt_refuses_the_highpass_filter",
+                              "tests/test_train.py::test_sine_square_other_modes",
+                              "tests/test_resume.py::test_rng_state_round_trips_through_a_weights_only_file",
+                              "tests/test_mutation_train.py"],
     # only test_calibration_routines.py's virtual-lab test (~8 s + the ~5 s map fixture) reaches it
     "calibration/position.py": ["tests/test_mutation_calibration_position.py"],
-    "calibration/mac.py": ["tests/test_mac.py", "tests/test_mutation_calibration_mac.py"],
-    "hil/network/engine.py": ["tests/test_engine.py"],
+    # test_mac.py's virtual-lab tests measure a reference map, calibrate the source and place
+    # three chains (~14 s fixture + 2-3 s a test): its synthetic tests stay, and the fake-bench
+    # tests of test_mutation_calibration_mac.py cover ToneSource, the plans and Convolver
+    "calibration/mac.py": ["tests/test_mac.py::test_ledger_books_exclusive_time_and_absorbs_reoptimisation",
+                           "tests/test_mac.py::test_patches_match_the_network",
+                           "tests/test_mac.py::test_bad_arguments",
+                           "tests/test_mac.py::test_a_plan_object_is_used_and_names_map_through_the_registry",
+                           "tests/test_mutation_calibration_mac.py"],
+    # test_engine.py's full matrix (92 tests, ~16 s) and the real compile of test_native_build.py
+    # cost seconds per surviving mutant (1779 mutants): the plain-loop and fake-compiler tests of
+    # test_mutation_engine.py cover the same code in ~5 s; the native shape/tile tests stay
+    "hil/network/engine.py": [
+        "tests/test_mutation_engine.py",
+        *(f"tests/test_engine.py::{t}" for t in (
+            "test_engine_shapes_against_reference[native-euler-2-7-5-2-3-3]",
+            "test_engine_shapes_against_reference[native-expheun-2-7-5-2-3-3]",
+            "test_engine_shapes_against_reference[native-euler-2-33-3-1-8-5]",
+            "test_engine_shapes_against_reference[native-euler-1-3-3-2-2-20]",
+            "test_dense_recurrent_matrix[native-spintronic]", "test_dense_recurrent_matrix[native-ctrnn]",
+            "test_native_results_independent_of_threads_and_stacking",
+            "test_unused_outputs_need_no_gradient[native]", "test_no_grad_path_equals_training_path[native]",
+            "test_native_kernel_flushes_subnormals_and_restores_the_callers_mode")),
+        *(f"tests/test_native_build.py::{t}" for t in (
+            "test_the_kernel_is_a_real_file_shipped_as_package_data",
+            "test_the_constants_of_sims_neurons_come_as_defines_not_prepended_text",
+            "test_the_argument_struct_matches_the_librarys", "test_a_mismatched_struct_is_refused_at_load",
+            "test_arguments_are_named_and_checked", "test_a_call_names_its_tensors",
+            "test_the_cache_key_covers_flags_compiler_and_source", "test_a_failing_compiler_names_file_and_line",
+            "test_require_native_raises_instead_of_falling_back", "test_engines_are_a_registry",
+            "test_python_gains_are_those_of_sims_neurons", "test_kernel_gain_and_output_are_those_of_sims_neurons",
+            "test_kernel_held_drive_step_is_that_of_sims_neurons")),
+    ],
 }
 PACKAGES = ["hil", "drivers", "calibration", "sims"]
 REPORT = Path("scripts/mutation-report.md")

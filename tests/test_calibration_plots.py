@@ -195,3 +195,53 @@ def test_position_tracking_resumes_after_an_interrupt(designed, runs_dir, monkey
     lab_time = json.loads((part / "lab_time.json").read_text())
     assert lab_time == {"command": "position optimise", "lab_time_s": done["lab_time_s"], "sessions": 2}
     _png(part / "position_tracking.png")
+
+
+def test_position_tracking_plot_draws_each_chains_metric_z_and_v_max(tmp_path, monkeypatch):
+    """Thesis Fig. 4.8 (``hil position optimise``): three panels over the inputs, a line per chain
+    in each, holding the tracked values; a dashed line marks each re-optimisation."""
+    from matplotlib.colors import to_hex
+
+    from calibration.position import Tracking
+
+    tracks = {"c1": Tracking([0, 1, 2, 3], [0.01, 0.02, 0.015, 0.03], [0.0, 1.0, 2.0, 3.0], [0, 2],
+                             [20.4, 20.412], [1e-6, 1.1e-6]),
+              "c2": Tracking([0, 1, 2, 3], [0.05, 0.04, 0.06, 0.02], [0.0, 1.0, 2.0, 3.0], [0, 3],
+                             [19.8, 19.795], [2e-6, 1.5e-6])}
+    figures = []
+    real_save = plots.save_figure
+
+    def keep(fig, path, **kw):  # the figure as drawn, then saved as usual
+        figures.append(fig)
+        return real_save(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    out = plots.position_tracking(tracks, tmp_path / "position_tracking.png")
+    assert out == tmp_path / "position_tracking.png"
+    head = out.read_bytes()[:24]
+    assert head[:8] == PNG
+    size = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    assert size == (800, 900)  # 8 x 9 in at 100 dpi
+    (fig,) = figures
+    a, b, c = fig.axes
+    assert a.get_shared_x_axes().joined(a, c) and b.get_shared_x_axes().joined(a, b)  # one input axis
+    for ax, marker in ((a, "."), (b, "o"), (c, "o")):
+        drawn = _markers(ax, marker)
+        assert [ln.get_label() for ln in drawn] == ["c1", "c2"]  # a line per chain, in order
+        assert all(ln.get_linestyle() == "-" for ln in drawn)
+    for ln, t in zip(_markers(a, "."), tracks.values(), strict=True):
+        assert list(ln.get_xdata()) == t.input_index and list(ln.get_ydata()) == t.input_m
+    for ln, t in zip(_markers(b, "o"), tracks.values(), strict=True):  # z from the first optimum, um
+        assert list(ln.get_xdata()) == t.optimised_at
+        assert ln.get_ydata() == pytest.approx(1e3 * (np.array(t.z_mm) - t.z_mm[0]))
+    assert list(_markers(b, "o")[0].get_ydata()) == pytest.approx([0.0, 12.0])
+    for ln, t in zip(_markers(c, "o"), tracks.values(), strict=True):  # V_max in uV
+        assert list(ln.get_xdata()) == t.optimised_at
+        assert ln.get_ydata() == pytest.approx(1e6 * np.array(t.v_max_v))
+    dashed = [ln for ln in a.get_lines() if ln.get_linestyle() == "--"]
+    assert [ln.get_xdata()[0] for ln in dashed] == [0, 2, 0, 3]  # each chain's optimisations
+    assert all(to_hex(ln.get_color()) == "#808080" and ln.get_linewidth() == 0.5 for ln in dashed)
+    assert a.get_ylabel() == "|V - V_max w.x| / V_max" and "optimisations dashed" in a.get_title()
+    assert b.get_ylabel() == "optimal z - first (um)"
+    assert c.get_ylabel() == "V_max (uV)" and c.get_xlabel() == "input"
+    assert [t.get_text() for t in a.get_legend().get_texts()] == ["c1", "c2"]

@@ -30,7 +30,7 @@ from calibration.chain import (
     virtual_lab_overrides,
     write_design,
 )
-from calibration.position import generator_one_hot, metric, optimise_z, plot_tracking, track
+from calibration.position import generator_one_hot, metric, optimise_z, track
 from calibration.reference import (
     ReferenceMap,
     SweepPlan,
@@ -42,6 +42,7 @@ from calibration.reference import (
 from calibration.source import calibrate_source, measure_tone, set_tone
 from hil.bench.lab import Lab, open_lab
 from hil.commands.calibrate import REFERENCE_SAMPLE  # three reference devices on ports 1-3
+from hil.plots import position_tracking
 from sims.virtual_lab import World
 
 ROOT = Path(sims.__file__).resolve().parent.parent
@@ -341,5 +342,5 @@ def test_position_optimisation_from_1_mm_off_and_tracking(ref_map, tmp_path):
     assert tracking.optimised_at == [0, 4] and len(tracking.input_m) == 8
     assert max(abs(z - opt.stage_z_mm) for z in tracking.z_mm) < 0.02
     assert np.median(tracking.input_m) < 0.1
-    png = plot_tracking({d.name: tracking}, tmp_path / "fig_4_8.png")
+    png = position_tracking({d.name: tracking}, tmp_path / "fig_4_8.png")
     assert png.stat().st_size > 1000

@@ -6,7 +6,6 @@ tracking CSV (torn lines, resume)."""
 from __future__ import annotations
 
 import math
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from calibration.position import (
     generator_one_hot,
     metric,
     optimise_z,
-    plot_tracking,
     read_track_rows,
     track,
 )
@@ -233,6 +231,24 @@ def test_track_reoptimises_and_records_every_input() -> None:
     assert t4.input_m[0] == pytest.approx(abs(v - t4.v_max_v[0] * W[0]) / t4.v_max_v[0])
 
 
+def test_track_passes_the_rescale_and_default_trials_to_the_optimisation() -> None:
+    """The calibration inputs are rescaled too (V_max per x = 1, not per mW), and by default
+    each re-optimisation measures the calibration set 12 times (one per Optuna trial)."""
+    t = track(Bench(), DESIGN, chain_measure, 2.0 * np.eye(3), 2.0 * np.eye(3)[:1], np.full(3, 2.0),
+              20.4, n_trials=3, window_mm=0.001)
+    assert t.v_max_v[0] == pytest.approx(2e-6, rel=0.01)  # 2 mW per x = 1: twice the 1 uV per mW
+    calls: list[int] = []
+
+    def counting(lab: Any, inputs_mw: np.ndarray) -> np.ndarray:
+        calls.append(len(np.atleast_2d(inputs_mw)))
+        return chain_measure(lab, inputs_mw)
+
+    run = np.zeros((2, 3))
+    run[:, 1] = 1.0
+    track(Bench(), DESIGN, counting, np.eye(3), run, np.ones(3), 20.41)
+    assert calls == [3] * 12 + [1, 1]  # 12 trials on the 3 calibration sets, then the 2 inputs
+
+
 # --------------------------------------------------------------------------- the tracking file
 
 
@@ -270,10 +286,21 @@ def test_track_rows_round_trip_and_torn_lines(tmp_path: Path) -> None:
     assert tr.optimised_at == [0] and tr.input_index == [0, 1, 2, 5]
 
 
-def test_plot_tracking_writes_the_figure(tmp_path: Path) -> None:
-    t = Tracking([0, 1, 2], [0.01, 0.02, 0.015], [0.0, 1.0, 2.0], [0, 2], [20.4, 20.41], [1e-6, 1.1e-6])
-    path = plot_tracking({"c1": t, "c2": t}, tmp_path / "fig.png")
-    assert path == tmp_path / "fig.png"
-    head = path.read_bytes()[:24]
-    assert head[:8] == b"\x89PNG\r\n\x1a\n"
-    assert struct.unpack(">II", head[16:24]) == (800, 900)  # 8 x 9 in at 100 dpi
+def test_reading_a_complete_tracking_file_leaves_it_alone(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a torn last line makes the reader rewrite the file: a complete or empty file is not
+    written (a rewrite races the writer, which may append between the read and the write)."""
+    path = tmp_path / "track.csv"
+    for i in range(3):
+        append_track_row(path, row(i))
+    writes: list[bytes] = []
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: writes.append(data))
+    assert [r["input"] for r in read_track_rows(path)["c1"]] == [0, 1, 2]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert read_track_rows(empty) == {}
+    assert writes == []
+    with path.open("a") as fh:
+        fh.write("c1,3,0")  # torn: cut back to the last complete line
+    read_track_rows(path)
+    assert writes == [path.read_bytes()[:-len("c1,3,0")]]

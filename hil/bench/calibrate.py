@@ -423,11 +423,11 @@ def position_job(lab_path: str | Path, designs: list[Any], model: ReferenceModel
         append_track_row,
         generator_one_hot,
         optimise_z,
-        plot_tracking,
         read_track_rows,
         track,
     )
     from hil.locks import BenchLock
+    from hil.plots import position_tracking
 
     s = settings
     overrides = virtual_lab_overrides(designs) if s.fabricate else None
@@ -499,7 +499,7 @@ def position_job(lab_path: str | Path, designs: list[Any], model: ReferenceModel
                                       "tracking": {k: v.__dict__ for k, v in tracks.items()},
                                       "run_inputs_tone": {k: v.tolist() for k, v in tones.items()},
                                       "lab_time_s": state["lab_time_s"], "sessions": state["sessions"]})
-    figure = plot_tracking(tracks, run.file("position_tracking.png")) if tracks else None
+    figure = position_tracking(tracks, run.file("position_tracking.png")) if tracks else None
     lab_time = record_lab_time(run, "position optimise", state["lab_time_s"], state["sessions"])
     return PositionResult(state["chains"], figure, lab_time)
 
