@@ -586,15 +586,22 @@ def test_switches_and_stage_are_commanded_only_when_needed() -> None:
                      src.ledger).source_port == 3
 
 
-def test_planned_reading_reuses_the_rf_off_offset_while_it_is_fresh() -> None:
-    from drivers.rf_switch import SwitchGate
-
+def reading_setup(z_mm: float, port: int) -> tuple[Lab, list[PlacedChain], ToneSource, Convolver]:
+    """A started source applying one input, and a Convolver (2 readings averaged) at ``z_mm``
+    with the selector on ``port``: the set-up of the reading tests."""
     lab, chains = bench()
     src = started(lab)
     src.apply(np.array([0.5, 0.25, 0.0, 1.0]))
     conv = Convolver(lab, src, chains, src.ledger, n_avg=2)
-    conv._move(20.0)
-    conv._select(1)
+    conv._move(z_mm)
+    conv._select(port)
+    return lab, chains, src, conv
+
+
+def test_planned_reading_reuses_the_rf_off_offset_while_it_is_fresh() -> None:
+    from drivers.rf_switch import SwitchGate
+
+    lab, chains, src, conv = reading_setup(20.0, 1)
     lab.drift_v_per_s = 1e-9
     gate = SwitchGate(lab["source_switch"], on_port=1, off_port=0)
     lab.clock.t = 1000.0
@@ -640,12 +647,7 @@ def test_planned_reading_reuses_the_rf_off_offset_while_it_is_fresh() -> None:
 def test_differential_reading_switches_rf_for_every_reading() -> None:
     from drivers.rf_switch import SwitchGate
 
-    lab, chains = bench()
-    src = started(lab)
-    src.apply(np.array([0.5, 0.25, 0.0, 1.0]))
-    conv = Convolver(lab, src, chains, src.ledger, n_avg=2)
-    conv._move(20.1)
-    conv._select(2)
+    lab, chains, src, conv = reading_setup(20.1, 2)
     lab.log.clear()
     v = conv._read(SwitchGate(lab["source_switch"], on_port=1, off_port=0), 1)
     assert [e[:2] for e in lab.log if e[0] != "sleep"] == [("selector", 1), ("read", 1), ("selector", 0),
