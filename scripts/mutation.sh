@@ -120,7 +120,9 @@ PACKAGES = ["hil", "drivers", "calibration", "sims"]
 REPORT = Path("scripts/mutation-report.md")
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
           35: "suspicious", 36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout",
-          255: "timeout", -11: "segfault", -9: "timeout"}
+          255: "timeout", -11: "segfault", -6: "abort", -9: "timeout"}
+#: the mutant crashed the test process: caught, but counted here as not killed (conservative)
+CRASH = ("segfault", "abort")
 
 
 def run_module(module: str) -> dict:
@@ -171,7 +173,7 @@ def summarise(module: str, tests: list[str]) -> dict:
         counts[status] = counts.get(status, 0) + 1
         if is_message_mutant(diff):
             message_counts[status] = message_counts.get(status, 0) + 1
-        if status in ("survived", "no tests", "suspicious", "not checked"):
+        if status in ("survived", "no tests", "suspicious", "not checked", *CRASH):
             survivors.append((name, status, diff, is_message_mutant(diff)))
     shutil.rmtree("mutants", ignore_errors=True)
     return {"counts": counts, "message_counts": message_counts, "survivors": survivors, "tests": tests}
@@ -274,7 +276,9 @@ def section(module: str, result: dict, notes: dict[str, str]) -> str:
     if not_killed:
         out += ["Survivors (name: mutation: why):", ""]
         for name, status, diff, message in result["survivors"]:
-            why = notes.get(name, "message string or logging (not counted)" if message else "UNEXPLAINED")
+            why = notes.get(name, "message string or logging (not counted)" if message else
+                            "crash: the mutant kills the test process (caught, but counted as not "
+                            "killed)" if status in CRASH else "UNEXPLAINED")
             out.append(f"- `{name}` ({status}): `{diff}`: {why}")
         out.append("")
     return "\n".join(out)
